@@ -1,0 +1,259 @@
+"""The validated configuration: pydantic models, file loading and the JSON schema.
+
+A config names the tasks and lists plugins in the order they apply::
+
+    tasks: [seg, depth]
+    seed: 0
+    on_nonfinite: raise        # or skip
+    space: auto                # or none | features | last_shared | params
+    plugins:
+      - name: static
+        weights: {seg: 1.0, depth: 0.5}
+      - avgnorm                # a bare name takes the plugin's defaults
+      - name: pcgrad
+        reduction: mean
+      - name: gradstats
+        every: 10
+
+Each plugin's options are validated by that plugin's own model (unknown keys are errors).
+Every error is a :class:`ConfigError` naming the plugin, the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mtlhooks import registry
+from mtlhooks.errors import ConfigError
+from mtlhooks.plugin import Family, Need, PluginConfig, Space
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class PluginEntry(BaseModel):
+    """One configured plugin: its name and its validated options."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    options: PluginConfig
+
+    @property
+    def info(self) -> registry.PluginInfo:
+        return registry.get_plugin(self.name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options.model_dump(mode="json")}
+
+
+def _describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{where}: {item['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def _parse_plugin(raw: object, position: int) -> PluginEntry:
+    if isinstance(raw, PluginEntry):
+        return raw
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
+        raise ValueError(
+            f"plugins[{position}]: expected a plugin name or a mapping with a 'name' key, "
+            f"got {raw!r}"
+        )
+    options = {key: value for key, value in raw.items() if key != "name"}
+    name = raw["name"]
+    try:
+        info = registry.get_plugin(name)
+    except ConfigError as error:
+        raise ValueError(f"plugins[{position}]: {error}") from None
+    try:
+        parsed = info.config_model.model_validate(options)
+    except ValidationError as error:
+        fields = ", ".join(info.config_model.model_fields) or "none"
+        raise ValueError(
+            f"plugins[{position}] ({name}): {_describe_errors(error)}. Fields of {name!r}: {fields}"
+        ) from None
+    return PluginEntry(name=name, options=parsed)
+
+
+class MTLConfig(BaseModel):
+    """The whole configuration of one :class:`mtlhooks.MTL`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: tuple[str, ...] = Field(
+        min_length=1, description="Task names, in the order weights and Gramians use."
+    )
+    plugins: tuple[PluginEntry, ...] = Field(
+        default=(), description="Plugins in the order they apply (observers always run last)."
+    )
+    space: Literal["auto", "none", "features", "last_shared", "params"] = Field(
+        default="auto",
+        description="Where per-task gradients are taken; 'auto' decides from the plugins.",
+    )
+    on_nonfinite: Literal["raise", "skip"] = Field(
+        default="raise",
+        description="A NaN/inf loss or Gramian: raise NonFiniteError, or skip the step "
+        "(no gradient written, observers told).",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the generator of every random choice.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        empty = [t for t in tasks if not t.strip()]
+        if empty:
+            raise ValueError("task names must be non-empty strings")
+        duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+        return tasks
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _resolve_plugins(cls, raw: object) -> tuple[PluginEntry, ...]:
+        if raw is None:
+            return ()
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)):
+            raise ValueError(f"plugins must be a list, got {type(raw).__name__}")
+        return tuple(_parse_plugin(item, position) for position, item in enumerate(raw))
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> MTLConfig:
+        aggregators = [p.name for p in self.plugins if p.info.family is Family.AGGREGATOR]
+        if len(aggregators) > 1:
+            raise ValueError(
+                f"at most one aggregator may be configured, got {aggregators}; keep one"
+            )
+        for position, entry in enumerate(self.plugins):
+            try:
+                entry.info.cls.check_config(entry.options, self.tasks)
+            except ValueError as error:
+                raise ValueError(f"plugins[{position}] ({entry.name}): {error}") from None
+        gradient_users = self.gradient_plugins()
+        if self.space == "none" and gradient_users:
+            names = [p.name for p in gradient_users]
+            raise ValueError(
+                f"space 'none' takes no per-task gradient, but {names} need them; "
+                "use space 'auto' or one they support"
+            )
+        if self.space not in ("auto", "none"):
+            for entry in gradient_users:
+                allowed = [s.value for s in entry.info.spaces]
+                if Space(self.space) not in entry.info.spaces:
+                    raise ValueError(
+                        f"plugin {entry.name!r} cannot work in space {self.space!r}; "
+                        f"it supports {allowed}"
+                    )
+        elif gradient_users and not self.common_spaces():
+            listing = {p.name: [s.value for s in p.info.spaces] for p in gradient_users}
+            raise ValueError(f"no gradient space suits every plugin: {listing}")
+        return self
+
+    def gradient_plugins(self) -> list[PluginEntry]:
+        """Configured plugins that read per-task gradients."""
+        return [p for p in self.plugins if p.info.needs is not Need.NOTHING]
+
+    def common_spaces(self) -> list[Space]:
+        """Spaces every gradient-reading plugin supports, in the order of ``Space``."""
+        users = self.gradient_plugins()
+        return [s for s in Space if s is not Space.NONE and all(s in p.info.spaces for p in users)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping that :func:`load_config` turns back into an equal config."""
+        data = self.model_dump(mode="json", exclude={"plugins"})
+        data["plugins"] = [p.as_dict() for p in self.plugins]
+        return data
+
+
+def _read_file(path: Path) -> object:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text)
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        if suffix == ".json":
+            return json.loads(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot parse {suffix[1:].upper()}: {error}") from error
+    raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .yml, .toml or .json")
+
+
+def load_config(source: MTLConfig | Mapping[str, Any] | str | Path) -> MTLConfig:
+    """Build a validated :class:`MTLConfig` from a config, a mapping or a YAML/TOML/JSON file.
+
+    Raises :class:`ConfigError` with every problem found, each naming where it is.
+    """
+    if isinstance(source, MTLConfig):
+        return source
+    origin = "config"
+    data: object = source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        origin = str(path)
+        data = _read_file(path)
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{origin}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        return MTLConfig.model_validate(dict(data))
+    except ValidationError as error:
+        raise ConfigError(f"{origin}: {_describe_errors(error)}") from None
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON schema of config files, with every installed plugin's options, for editors and CI."""
+    schema = MTLConfig.model_json_schema()
+    variants: list[dict[str, Any]] = []
+    for info in registry.available_plugins():
+        plugin_schema = info.config_model.model_json_schema()
+        properties = {"name": {"const": info.name}, **plugin_schema.get("properties", {})}
+        variant: dict[str, Any] = {
+            "type": "object",
+            "title": info.name,
+            "description": info.summary,
+            "properties": properties,
+            "required": ["name", *plugin_schema.get("required", [])],
+            "additionalProperties": False,
+        }
+        for key in ("$defs",):
+            if key in plugin_schema:
+                schema.setdefault("$defs", {}).update(plugin_schema[key])
+        variants.append(variant)
+        variants.append({"const": info.name})
+    schema["properties"]["plugins"] = {
+        "type": "array",
+        "description": MTLConfig.model_fields["plugins"].description,
+        "items": {"anyOf": variants},
+    }
+    schema.get("$defs", {}).pop("PluginEntry", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

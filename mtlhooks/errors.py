@@ -1,0 +1,31 @@
+"""Exceptions raised by mtlhooks.
+
+Every error says what is wrong and how to fix it. They all derive from :class:`MTLError`, so a
+caller can catch the library's errors without catching unrelated ones.
+"""
+
+from __future__ import annotations
+
+
+class MTLError(Exception):
+    """Base class of every error raised by mtlhooks."""
+
+
+class ConfigError(MTLError, ValueError):
+    """The configuration is invalid: unknown plugin, bad field, impossible combination."""
+
+
+class InputError(MTLError, ValueError):
+    """A call received bad input: unknown or missing task, non-scalar loss, loss without graph."""
+
+
+class NonFiniteError(MTLError, FloatingPointError):
+    """A loss, gradient or Gramian was NaN or infinite and the policy is ``on_nonfinite: raise``."""
+
+
+class SolverError(MTLError, RuntimeError):
+    """A numerical solver did not converge; the result is never silently replaced."""
+
+
+class PluginError(MTLError, RuntimeError):
+    """A plugin could not be found, loaded or registered, or it broke the hook contract."""

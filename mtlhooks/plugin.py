@@ -1,0 +1,147 @@
+"""What a plugin is: a pydantic config model plus a class with hook implementations.
+
+A plugin is one small file::
+
+    class MyWeightsConfig(PluginConfig):
+        power: float = Field(1.0, gt=0)
+
+    class MyWeights(Plugin):
+        name = "my_weights"
+        family = Family.LOSS_SCALING
+        Config = MyWeightsConfig
+
+        @hookimpl
+        def mtl_scale_losses(self, step: Step) -> None:
+            step.weights = step.weights * step.losses ** -self.config.power
+
+The pipeline builds one instance per configured plugin with ``Plugin(config, setup)`` and registers
+it with pluggy; the hooks it may implement are documented in :mod:`mtlhooks.hookspecs`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pluggy
+import torch
+from pydantic import BaseModel, ConfigDict
+
+PROJECT = "mtlhooks"
+
+hookimpl = pluggy.HookimplMarker(PROJECT)
+"""Marker for hook implementations: ``@hookimpl`` (or ``@hookimpl(wrapper=True)``)."""
+
+
+class Family(str, enum.Enum):
+    """The four plugin families, in the order their hooks fire within one ``backward()``."""
+
+    LOSS_SCALING = "loss_scaling"
+    NORM_BALANCING = "norm_balancing"
+    AGGREGATOR = "aggregator"
+    OBSERVER = "observer"
+
+
+class Space(str, enum.Enum):
+    """Where per-task gradients are taken.
+
+    - ``none``: no per-task gradient; one backward of the weighted sum (fast path).
+    - ``features``: gradients w.r.t. the shared representation z of ``backward(..., features=z)``.
+    - ``last_shared``: gradients of the last shared layer's parameters.
+    - ``params``: gradients of every shared parameter (exact, most expensive).
+    """
+
+    NONE = "none"
+    FEATURES = "features"
+    LAST_SHARED = "last_shared"
+    PARAMS = "params"
+
+
+class Need(str, enum.Enum):
+    """What a plugin reads of the per-task gradients."""
+
+    NOTHING = "nothing"
+    GRAMIAN = "gramian"
+    """The T×T Gramian G = J Jᵀ (and so the norms and cosines)."""
+    JACOBIAN = "jacobian"
+    """The T×P matrix J itself (coordinate-wise methods such as GradDrop)."""
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's config model: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NoOptions(PluginConfig):
+    """Config of a plugin that takes no option."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a plugin knows when it is built: the task names and the resolved gradient space."""
+
+    tasks: tuple[str, ...]
+    space: Space
+    seed: int
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+
+class Plugin:
+    """Base class of plugins. Subclasses set the class attributes and implement hooks.
+
+    Class attributes:
+
+    - ``name``: the name users write in the config.
+    - ``family``: a :class:`Family`.
+    - ``Config``: the pydantic model of its options (a :class:`PluginConfig` subclass).
+    - ``spaces``: gradient spaces the plugin can work in, most preferred first; empty when it
+      needs no per-task gradient.
+    - ``needs``: what it reads of the per-task gradients (:class:`Need`).
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[Family]
+    Config: ClassVar[type[PluginConfig]] = NoOptions
+    spaces: ClassVar[tuple[Space, ...]] = ()
+    needs: ClassVar[Need] = Need.NOTHING
+
+    def __init__(self, config: PluginConfig, setup: Setup) -> None:
+        self.config = config
+        self.setup = setup
+
+    @classmethod
+    def check_config(cls, config: PluginConfig, tasks: tuple[str, ...]) -> None:
+        """Validate options that depend on the task names; raise ``ValueError`` with a message."""
+
+    def wants_gradients(self, index: int) -> bool:
+        """Whether this plugin reads per-task gradients at ``backward()`` call ``index``.
+
+        When no plugin wants them at a call, that call takes the fast path (one weighted
+        backward) and the gradient hooks do not fire: an observer recording every N steps
+        costs nothing in between.
+        """
+        return self.needs is not Need.NOTHING
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Learnable parameters the user must hand to an optimizer (none by default)."""
+        return iter(())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit (empty for stateless plugins)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(
+                f"plugin {self.name!r} is stateless but got state keys {sorted(state)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"

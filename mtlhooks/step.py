@@ -1,0 +1,85 @@
+"""The state of one ``backward()`` call, as the hooks see it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mtlhooks.errors import PluginError
+from mtlhooks.plugin import Space
+
+
+@dataclass
+class TaskGradients:
+    """Per-task gradients of the *unweighted* losses ``∇L_i`` in one gradient space.
+
+    ``blocks`` are T×n matrices whose columns, concatenated, form the T×P matrix J (one block per
+    parameter, or one for the features). ``gramian`` is J Jᵀ of those gradients.
+    """
+
+    space: Space
+    gramian: Tensor
+    blocks: Sequence[Tensor]
+
+    def matrix(self) -> Tensor:
+        """The T×P matrix J (concatenates the blocks: a copy when there is more than one)."""
+        if len(self.blocks) == 1:
+            return self.blocks[0]
+        return torch.cat(list(self.blocks), dim=1)
+
+
+@dataclass
+class Step:
+    """Mutable state of one ``backward()`` call, handed to every hook.
+
+    Plugins read everything and assign ``weights``; they add learnable objectives with
+    :meth:`add_auxiliary_loss`. Everything else is maintained by the pipeline.
+    """
+
+    index: int
+    """How many ``backward()`` calls came before this one."""
+    tasks: tuple[str, ...]
+    losses: Tensor
+    """Detached loss values, shape ``(T,)``, in the order of ``tasks``."""
+    weights: Tensor
+    """Current per-task multipliers, shape ``(T,)``: assign a new tensor to change them."""
+    space: Space
+    generator: torch.Generator
+    """The pipeline's seeded generator: every random choice draws from it."""
+    loss_tensors: tuple[Tensor, ...] = ()
+    """The losses with their graph, in task order: read them, never call backward on them."""
+    features: Tensor | None = None
+    gradients: TaskGradients | None = None
+    """Per-task gradients; ``None`` before the gradient stage and in space ``none``."""
+    auxiliary_losses: list[Tensor] = field(default_factory=list)
+
+    def add_auxiliary_loss(self, loss: Tensor) -> None:
+        """Add a scalar objective of a plugin's own learnable parameters (UW's ½·s, GradNorm's
+        L_grad). It is back-propagated once, after the model's gradients are written, and must
+        not depend on the model's parameters."""
+        if loss.ndim != 0:
+            raise PluginError(f"auxiliary loss must be a scalar, got shape {tuple(loss.shape)}")
+        self.auxiliary_losses.append(loss)
+
+    def _require_gradients(self) -> TaskGradients:
+        if self.gradients is None:
+            raise PluginError(
+                "per-task gradients are not available at this point: they exist from the "
+                "norm-balancing stage on, and only in a gradient space other than 'none'"
+            )
+        return self.gradients
+
+    def gramian(self) -> Tensor:
+        """Gramian of the weighted task gradients ``weights[i] * ∇L_i`` (T×T)."""
+        gradients = self._require_gradients()
+        w = self.weights.to(gradients.gramian.dtype)
+        return gradients.gramian * w[:, None] * w[None, :]
+
+    def grad_norms(self) -> Tensor:
+        """Norms of the weighted task gradients, shape ``(T,)``."""
+        gradients = self._require_gradients()
+        diagonal = torch.diagonal(gradients.gramian).clamp_min(0).sqrt()
+        return diagonal * self.weights.abs().to(diagonal.dtype)
