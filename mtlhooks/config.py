@@ -67,9 +67,15 @@ def _describe_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "value_error":
+            # Our own validators already name the place and the value.
+            message = message.removeprefix("Value error, ")
+            lines.append(message if message.startswith(f"{where}[") else f"{where}: {message}")
+            continue
         value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{where}: {item['msg']}{shown}")
+        shown = "" if isinstance(value, (dict, list, tuple)) else f" (got {value!r})"
+        lines.append(f"{where}: {message}{shown}")
     return "; ".join(lines)
 
 

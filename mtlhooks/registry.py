@@ -13,6 +13,7 @@ only hooks of :mod:`mtlhooks.hookspecs` with arguments those hooks have.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import warnings
@@ -124,7 +125,7 @@ def _load(reference: str, name: str, source: str) -> type[Plugin]:
 def _entry_points() -> dict[str, metadata.EntryPoint]:
     found: dict[str, metadata.EntryPoint] = {}
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name in BUILTINS:
+        if entry_point.name in BUILTINS or entry_point.name in _REGISTERED:
             warnings.warn(
                 f"entry point {entry_point.value!r} registers plugin {entry_point.name!r}, "
                 "which is a built-in name; the built-in is used",
@@ -135,15 +136,44 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
     return found
 
 
+_REGISTERED: dict[str, type[Plugin]] = {}
+
+
+def register(cls: type[Plugin]) -> type[Plugin]:
+    """Make a plugin class findable by its ``name`` in this process (notebooks, tests, scripts
+    that define a method inline); usable as a class decorator. Packages should use the entry
+    point instead. A built-in or already registered name is refused."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{cls!r} has no `name` to register under")
+    if name in BUILTINS or name in _REGISTERED:
+        raise PluginError(f"a plugin named {name!r} already exists; choose another name")
+    _REGISTERED[name] = _check_plugin_class(name, cls, "register()")
+    get_plugin.cache_clear()
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Forget a plugin added with :func:`register`."""
+    _REGISTERED.pop(name, None)
+    get_plugin.cache_clear()
+
+
 @functools.cache
 def get_plugin(name: str) -> PluginInfo:
     """Find a plugin by name; :class:`ConfigError` lists the known names when none matches."""
     if name in BUILTINS:
         return PluginInfo(name, _load(BUILTINS[name], name, "builtin"), "builtin")
+    if name in _REGISTERED:
+        return PluginInfo(name, _REGISTERED[name], "register()")
     entry_point = _entry_points().get(name)
     if entry_point is None:
-        known = ", ".join(sorted(plugin_names()))
-        raise ConfigError(f"unknown plugin {name!r}; known plugins: {known}")
+        names = plugin_names()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"unknown plugin {name!r}; {hint}known plugins: {', '.join(sorted(names))}"
+        )
     dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
     source = f"entry point {entry_point.value} ({dist})"
     try:
@@ -154,8 +184,9 @@ def get_plugin(name: str) -> PluginInfo:
 
 
 def plugin_names() -> list[str]:
-    """Every name a config may use: built-ins first, then installed entry points."""
-    return list(BUILTINS) + sorted(_entry_points())
+    """Every name a config may use: built-ins, registered classes, installed entry points."""
+    extra = sorted(set(_REGISTERED) | set(_entry_points()))
+    return list(BUILTINS) + extra
 
 
 def available_plugins() -> list[PluginInfo]:
