@@ -25,12 +25,20 @@ ParameterSource = nn.Module | Iterable[Tensor]
 
 # Order of preference of `space: auto` when the plugins' own first choices differ: most exact first.
 _EXACTNESS = (Space.PARAMS, Space.LAST_SHARED, Space.FEATURES)
-_ORDERED_HOOKS = ("mtl_scale_losses", "mtl_balance", "mtl_aggregate", "mtl_combine", "mtl_observe")
+_ORDERED_HOOKS = (
+    "mtl_scale_losses",
+    "mtl_balance",
+    "mtl_aggregate",
+    "mtl_combine",
+    "mtl_observe",
+    "mtl_after_step",
+)
 
 
 def _named_parameters(source: ParameterSource | None, label: str) -> list[tuple[str, Tensor]]:
     if source is None:
         return []
+    named: list[tuple[str, Tensor]]
     if isinstance(source, nn.Module):
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
     elif isinstance(source, Tensor):
@@ -238,6 +246,18 @@ class MTL:
         self._manager.hook.mtl_observe(report=report)
         return report
 
+    def after_step(self, losses: Mapping[str, Tensor]) -> None:
+        """Tell plugins the losses after ``optimizer.step()`` (fires ``mtl_after_step``).
+
+        Methods such as FAMO learn from the change of each loss over one step; call this after
+        ``optimizer.step()`` with the losses of the same batch recomputed (under
+        ``torch.no_grad()`` is fine: only the values are used).
+        """
+        self._check_tasks(losses)
+        dtype = torch.promote_types(next(iter(losses.values())).dtype, torch.float32)
+        values = torch.stack([torch.as_tensor(losses[t]).detach().to(dtype) for t in self.tasks])
+        self._manager.hook.mtl_after_step(index=self._index, losses=values)
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """Learnable parameters of the plugins (UW's log-variances, ...): give them to an
         optimizer, e.g. ``torch.optim.Adam([*model.parameters(), *mtl.parameters()])``."""
@@ -298,13 +318,9 @@ class MTL:
 
     # -- the pipeline -----------------------------------------------------------------------------
 
-    def _validate(
-        self, losses: Mapping[str, Tensor], features: Tensor | None
-    ) -> tuple[Tensor, ...]:
+    def _check_tasks(self, losses: Mapping[str, object]) -> None:
         if not isinstance(losses, Mapping):
-            raise InputError(
-                f"backward() takes a mapping task name → loss, got {type(losses).__name__}"
-            )
+            raise InputError(f"expected a mapping task name → loss, got {type(losses).__name__}")
         unknown = [name for name in losses if name not in self.tasks]
         missing = [name for name in self.tasks if name not in losses]
         if unknown or missing:
@@ -312,6 +328,15 @@ class MTL:
                 f"losses must have exactly the configured tasks {list(self.tasks)}; "
                 f"unknown: {unknown}, missing: {missing}"
             )
+
+    def _validate(
+        self, losses: Mapping[str, Tensor], features: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        if not isinstance(losses, Mapping):
+            raise InputError(
+                f"backward() takes a mapping task name → loss, got {type(losses).__name__}"
+            )
+        self._check_tasks(losses)
         ordered = []
         for name in self.tasks:
             loss = losses[name]

@@ -15,6 +15,9 @@ One call of :meth:`mtlhooks.MTL.backward` runs this pipeline (per micro-step, i.
        └─ write .grad (accumulating, like Tensor.backward) and back-propagate auxiliary losses
     mtl_observe(report)                        observers, after everything, read-only
 
+    optimizer.step(); mtl.after_step(new_losses)   optional, for FAMO-like methods
+    └─ mtl_after_step(index, losses)
+
 Ordering: implementations of one hook run in the order their plugins appear in the config, and
 observers after every other family, whatever the registration order; ``tryfirst``/``trylast``
 are refused for that reason. Hook implementations take no default argument values.
@@ -121,6 +124,17 @@ def mtl_observe(report: StepReport) -> None:
     each group in config order. Must not change anything it is given.
 
     :param report: the read-only :class:`mtlhooks.report.StepReport` of this call.
+    """
+
+
+@hookspec
+def mtl_after_step(index: int, losses: Tensor) -> None:
+    """Fires from :meth:`mtlhooks.MTL.after_step`, which the user calls after
+    ``optimizer.step()`` with fresh losses (for methods that learn from how the losses changed,
+    such as FAMO). Called in config order. Not fired unless the user calls ``after_step``.
+
+    :param index: the number of ``backward()`` calls so far.
+    :param losses: detached loss values, shape ``(T,)``, in task order.
     """
 
 

@@ -65,8 +65,9 @@ class PluginInfo:
 
     @property
     def summary(self) -> str:
-        doc = (self.cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        """The first paragraph of the class docstring, on one line."""
+        paragraph = (self.cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(paragraph.split())
 
 
 def new_plugin_manager() -> pluggy.PluginManager:

@@ -82,7 +82,7 @@ def problem() -> Problem:
     return Problem(TwoHeadNet(tasks).double(), torch.randn(9, 5, dtype=torch.float64), tasks)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_problem() -> Callable[..., Problem]:
     def make(tasks: tuple[str, ...] = ("a", "b", "c"), seed: int = 0) -> Problem:
         torch.manual_seed(seed)

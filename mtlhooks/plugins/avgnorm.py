@@ -31,10 +31,9 @@ class AvgNormConfig(PluginConfig):
 
 
 class AvgNorm(Plugin):
-    """AvgNorm: wᵢ ← wᵢ · S / ‖gᵢ‖, recomputed every step, so every weighted task gradient on
-    the shared parameters has the same norm S.
+    """AvgNorm: scale each task so its shared gradient has the common norm S (seed paper 2).
 
-    Guo et al., "Revisit the Imbalance Optimization in Multi-task Learning", 2025: the imbalance
+    wᵢ ← wᵢ · S / ‖gᵢ‖, recomputed every step. Guo et al., "Revisit the Imbalance Optimization in Multi-task Learning", 2025: the imbalance
     between tasks tracks their gradient norms, and scaling each loss by its gradient norm matches
     an expensive grid search of loss weights. gᵢ is taken on the last shared layer by default
     (space ``last_shared``). S is the mean norm (1/T)·Σⱼ‖gⱼ‖ (``target: mean_norm``, default) or

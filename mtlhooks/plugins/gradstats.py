@@ -28,9 +28,11 @@ def _finite(value: float) -> float | None:
 
 
 class GradStats(Plugin):
-    """Per-task gradient statistics of the unweighted task gradients ∇Lᵢ: norms and their
-    imbalance, pairwise cosine, gradient magnitude similarity (Yu et al. 2020) and conflict rate,
-    plus the effective weights. The quantities of Elich et al. ("Challenging Common Assumptions
+    """Logs task-gradient norms, imbalance, cosines, magnitude similarity and conflict rate.
+
+    Statistics of the unweighted task gradients ∇Lᵢ: norms and their imbalance, pairwise
+    cosine, gradient magnitude similarity (Yu et al. 2020) and conflict rate, plus the effective
+    weights. The quantities of Elich et al. ("Challenging Common Assumptions
     in Multi-task Learning") and Guo et al. 2025 ("Revisit the Imbalance Optimization in
     Multi-task Learning").
 

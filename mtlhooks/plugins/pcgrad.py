@@ -19,9 +19,10 @@ class PCGradConfig(PluginConfig):
 
 
 class PCGrad(Plugin):
-    """PCGrad, "Gradient Surgery for Multi-Task Learning" (Yu et al., NeurIPS 2020, Alg. 1).
+    """PCGrad: project each task gradient off the task gradients it conflicts with.
 
-    For each task i, in an order drawn from the pipeline's seeded generator, whenever
+    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1. For each
+    task i, in an order drawn from the pipeline's seeded generator, whenever
     ⟨g̃ᵢ, gⱼ⟩ < 0 the projection onto gⱼ's normal plane is removed; the update is the sum (or
     mean) of the projected gradients. Computed on the Gramian as weights, so the task-specific
     parameters receive the same weights.

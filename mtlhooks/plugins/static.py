@@ -31,7 +31,7 @@ class StaticConfig(PluginConfig):
 
 
 class Static(Plugin):
-    """Fixed loss weights: Σ wᵢ Lᵢ (equal weights wᵢ = 1, a plain sum, unless configured).
+    """Fixed loss weights Σ wᵢLᵢ: equal weights (a plain sum) unless configured.
 
     Equal weighting is the baseline every multi-task paper compares against; with the default
     options it reproduces ``sum(losses).backward()`` exactly.
