@@ -90,6 +90,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mtlhooks.bench import format_table, run
+
+    result = run(quick=args.quick)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlhooks", description="Hook-based middleware for multi-task training loops."
@@ -117,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_cmd_demo)
+
+    bench = commands.add_parser("bench", help="measure step-time ratios against a plain loop")
+    bench.add_argument("--quick", action="store_true", help="a few rounds of one model (tests)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 

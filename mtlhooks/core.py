@@ -479,6 +479,9 @@ class MTL:
             loss_weights=loss_weights,
             weights=None if coefficients is None else coefficients.detach().clone(),
             gramian=gradients.gramian.detach(),
+            block_gramians=MappingProxyType(
+                dict(zip(gradients.names, gradients.block_gramians))
+            ),
             timings=MappingProxyType(timings),
         )
 
@@ -527,7 +530,7 @@ class MTL:
                 raise InputError("features= is not in the graph of any loss: pass the trunk output")
             rows = [torch.zeros_like(z) if grad is None else grad for grad in found]
             block = torch.stack(rows).reshape(len(losses), -1)
-            return TaskGradients(self.space, self._gramian([block]), [block]), []
+            return TaskGradients.from_blocks(self.space, ["features"], [block]), []
 
         named = self._shared if self.space is Space.PARAMS else self._last_shared
         params = [p for _, p in named]
@@ -561,18 +564,8 @@ class MTL:
                     len(losses), -1
                 )
             )
-        return TaskGradients(self.space, self._gramian(blocks), blocks), extras
-
-    @staticmethod
-    def _gramian(blocks: list[Tensor]) -> Tensor:
-        gramian: Tensor | None = None
-        for block in blocks:
-            if block.dtype in (torch.float16, torch.bfloat16):
-                block = block.float()
-            part = block @ block.T
-            gramian = part if gramian is None else gramian + part
-        assert gramian is not None
-        return gramian
+        names = [name for name, _ in named]
+        return TaskGradients.from_blocks(self.space, names, blocks), extras
 
     def _write_weighted(
         self, step: Step, coefficients: Tensor, extras: list[dict[int, Tensor]]

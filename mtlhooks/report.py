@@ -21,6 +21,8 @@ class StepReport:
     - ``weights``: the effective multiplier of each unweighted task gradient in the written
       update, ``α_i · weights[i]``; ``None`` for a coordinate-wise aggregator or a skipped step.
     - ``gramian``: Gramian of the unweighted task gradients ``∇L_i`` (``None`` in space ``none``).
+    - ``block_gramians``: the Gramian of each block of the space (each shared parameter by name,
+      or ``"features"``); they sum to ``gramian``. Per-layer statistics come from these.
     - ``timings``: seconds per stage, host wall-clock (on CUDA, launch time, not kernel time).
     """
 
@@ -31,6 +33,7 @@ class StepReport:
     loss_weights: Tensor | None
     weights: Tensor | None
     gramian: Tensor | None
+    block_gramians: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))
     skipped: bool = False
     reason: str | None = None
     timings: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))

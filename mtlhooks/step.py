@@ -17,12 +17,28 @@ class TaskGradients:
     """Per-task gradients of the *unweighted* losses ``∇L_i`` in one gradient space.
 
     ``blocks`` are T×n matrices whose columns, concatenated, form the T×P matrix J (one block per
-    parameter, or one for the features). ``gramian`` is J Jᵀ of those gradients.
+    parameter, or one for the features), named by ``names``. ``block_gramians`` holds each
+    block's T×T Gramian and ``gramian`` their sum, J Jᵀ (in float32 at least).
     """
 
     space: Space
-    gramian: Tensor
+    names: Sequence[str]
     blocks: Sequence[Tensor]
+    block_gramians: Sequence[Tensor]
+    gramian: Tensor
+
+    @classmethod
+    def from_blocks(
+        cls, space: Space, names: Sequence[str], blocks: Sequence[Tensor]
+    ) -> TaskGradients:
+        """Compute the per-block Gramians and their sum."""
+        parts = []
+        for block in blocks:
+            if block.dtype in (torch.float16, torch.bfloat16):
+                block = block.float()
+            parts.append(block @ block.T)
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        return cls(space, names, blocks, parts, total)
 
     def matrix(self) -> Tensor:
         """The T×P matrix J (concatenates the blocks: a copy when there is more than one)."""
