@@ -126,6 +126,12 @@ class MTLConfig(BaseModel):
         "(no gradient written, observers told).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the generator of every random choice.")
+    sync: Literal["exact", "gramian"] = Field(
+        default="exact",
+        description="Space 'params' across processes: 'exact' all-reduces the per-task gradients "
+        "(T× the usual traffic; equals one process on the global batch); 'gramian' all-reduces "
+        "only the T×T Gramians and lets DDP sync one weighted backward (approximate weights).",
+    )
 
     @field_validator("tasks")
     @classmethod

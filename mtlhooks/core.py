@@ -9,17 +9,19 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from mtlhooks import registry
 from mtlhooks.config import MTLConfig, load_config
+from mtlhooks.distributed import Communicator, default_communicator
+from mtlhooks.engine import GradientEngine, PerTask
 from mtlhooks.errors import ConfigError, InputError, NonFiniteError, PluginError
 from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
 from mtlhooks.report import StepReport
-from mtlhooks.step import Step, TaskGradients
+from mtlhooks.step import Step
 
 ParameterSource = nn.Module | Iterable[Tensor]
 
@@ -61,36 +63,31 @@ def _last_layer(module: nn.Module) -> nn.Module:
     return last
 
 
-def _graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
-    """Leaf tensors that ``root.backward()`` would accumulate into, except those in ``exclude``."""
-    leaves: list[Tensor] = []
-    seen: set[int] = set()
-    stack = [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in exclude:
-                leaves.append(variable)
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
+class GradScalerLike(Protocol):
+    """Anything with ``scale(outputs)`` returning ``outputs`` times the loss scale."""
+
+    def scale(self, outputs: Tensor) -> Tensor: ...
 
 
-def _accumulate(parameter: Tensor, gradient: Tensor) -> None:
-    """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would."""
-    if parameter.grad is None:
-        parameter.grad = (
-            gradient.detach()
-            .reshape(parameter.shape)
-            .to(parameter.dtype)
-            .clone(memory_format=torch.contiguous_format)
-        )
+def _scale_tensor(
+    loss_scale: float | Tensor | GradScalerLike | None, like: Tensor
+) -> Tensor | None:
+    """The loss scale as a float32 scalar tensor on the losses' device (no host sync)."""
+    if loss_scale is None:
+        return None
+    if isinstance(loss_scale, Tensor):
+        scale = loss_scale
+    elif isinstance(loss_scale, (int, float)):
+        scale = torch.tensor(float(loss_scale))
+    elif hasattr(loss_scale, "scale"):
+        # GradScaler initialises its scale lazily in scale(): this also does that.
+        scale = loss_scale.scale(torch.ones((), device=like.device))
     else:
-        parameter.grad.add_(gradient.reshape(parameter.shape).to(parameter.grad.dtype))
+        raise InputError(
+            "loss_scale must be a number, a tensor or a GradScaler, "
+            f"got {type(loss_scale).__name__}"
+        )
+    return scale.detach().to(device=like.device, dtype=torch.float32).reshape(())
 
 
 class _Core:
@@ -114,6 +111,9 @@ class MTL:
         are combined, every other parameter reached by the losses is task-specific.
     :param last_shared: the last shared layer (module or parameters) for space ``last_shared``;
         default: the last sub-module of ``shared`` that owns parameters.
+    :param communicator: how to reach the other processes of a distributed run; default: the
+        initialised ``torch.distributed`` world when it has several processes, else none.
+        Pass ``False`` to keep every process on its own.
 
     What every parameter receives: with per-task weights ``w`` (loss scaling and norm
     balancing) and aggregator weights ``α``, ``.grad += Σ_i α_i w_i ∇L_i`` for shared and
@@ -127,6 +127,7 @@ class MTL:
         *,
         shared: ParameterSource | None = None,
         last_shared: ParameterSource | None = None,
+        communicator: Communicator | bool | None = None,
     ) -> None:
         self.config = load_config(config)
         self.tasks: tuple[str, ...] = self.config.tasks
@@ -138,14 +139,25 @@ class MTL:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._index = 0
         self.last_report: StepReport | None = None
-        # Task-specific leaves met in space 'params', by id, until their gradient is written.
-        self._leaves_seen: dict[int, Tensor] = {}
+        if communicator is None or communicator is True:
+            communicator = default_communicator()
+        self.communicator: Communicator | None = communicator or None
+        self._engine = GradientEngine(
+            self.space,
+            shared=self._shared,
+            last_shared=self._last_shared,
+            communicator=self.communicator,
+            exact_params=self.config.sync == "exact",
+        )
+        # Space 'params' with sync: exact, between micro-steps of gradient accumulation.
+        self._pending: tuple[PerTask, Tensor] | None = None
 
         setup = Setup(tasks=self.tasks, space=self.space, seed=self.config.seed)
         self.plugins: dict[str, Plugin] = {}
         for position, entry in enumerate(self.config.plugins):
             key = entry.name if entry.name not in self.plugins else f"{entry.name}#{position}"
             self.plugins[key] = entry.info.cls(entry.options, setup)
+        self._has_scaling = any(p.family is Family.LOSS_SCALING for p in self.plugins.values())
         self._gradient_plugins = [
             plugin for plugin in self.plugins.values() if plugin.needs is not Need.NOTHING
         ]
@@ -165,9 +177,10 @@ class MTL:
         *,
         shared: ParameterSource | None = None,
         last_shared: ParameterSource | None = None,
+        communicator: Communicator | bool | None = None,
     ) -> MTL:
         """Build from a config object, mapping or file; same arguments as the constructor."""
-        return cls(config, shared=shared, last_shared=last_shared)
+        return cls(config, shared=shared, last_shared=last_shared, communicator=communicator)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -219,17 +232,37 @@ class MTL:
     # -- public API -----------------------------------------------------------------------------
 
     def backward(
-        self, losses: Mapping[str, Tensor], *, features: Tensor | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        features: Tensor | None = None,
+        sync: bool = True,
+        loss_scale: float | Tensor | GradScalerLike | None = None,
     ) -> StepReport:
         """Fill ``.grad`` from per-task losses, through the configured plugins.
 
         :param losses: task name → scalar loss tensor with a graph, one per configured task.
         :param features: the shared representation z, needed in space ``features``.
+        :param sync: ``False`` on the micro-steps of gradient accumulation before the one that
+            precedes ``optimizer.step()``. In space ``params`` (``sync: exact``) the per-task
+            gradients are then summed over the micro-steps and aggregated once, at the call
+            with ``sync=True``: the same result as one batch holding every micro-batch (divide
+            each loss by the number of micro-steps, as for ``loss.backward()``). In the other
+            spaces each micro-step is aggregated on its own and ``.grad`` accumulates.
+        :param loss_scale: the mixed-precision loss scale: a ``torch.amp.GradScaler`` (or its
+            scale as a number or tensor). Gradients
+            are taken of the scaled losses, as ``scaler.scale(loss).backward()`` would, and
+            written scaled for ``scaler.step``; Gramians are unscaled before any plugin sees
+            them. A non-finite Gramian then does not raise: the gradients are written as they
+            are, so that the scaler skips the step and lowers its scale.
         :returns: the :class:`StepReport` of this call (also ``mtl.last_report``).
         """
         ordered = self._validate(losses, features)
         dtype = torch.promote_types(ordered[0].dtype, torch.float32)
         values = torch.stack([loss.detach().to(dtype) for loss in ordered])
+        if self.communicator is not None:
+            # Every rank must see the same values or loss-level plugins diverge.
+            values = self.communicator.all_reduce(values, "mean")
         step = Step(
             index=self._index,
             tasks=self.tasks,
@@ -237,8 +270,10 @@ class MTL:
             weights=torch.ones_like(values),
             space=self.space,
             generator=self.generator,
-            features=features,
             loss_tensors=ordered,
+            features=features,
+            sync=sync,
+            loss_scale=_scale_tensor(loss_scale, ordered[0]),
         )
         report: StepReport = self._manager.hook.mtl_backward(step=step)
         self._index += 1
@@ -256,6 +291,8 @@ class MTL:
         self._check_tasks(losses)
         dtype = torch.promote_types(next(iter(losses.values())).dtype, torch.float32)
         values = torch.stack([torch.as_tensor(losses[t]).detach().to(dtype) for t in self.tasks])
+        if self.communicator is not None:
+            values = self.communicator.all_reduce(values, "mean")
         self._manager.hook.mtl_after_step(index=self._index, losses=values)
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -264,9 +301,28 @@ class MTL:
         for plugin in self.plugins.values():
             yield from plugin.parameters()
 
+    def to(self, device: torch.device | str) -> MTL:
+        """Move the plugins' learnable parameters (call before building the optimizer)."""
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.data = parameter.data.to(device)
+        return self
+
+    @property
+    def needs_no_sync(self) -> bool:
+        """Whether DDP must not synchronise the backward passes of this pipeline (space
+        ``params`` with ``sync: exact`` writes ``.grad`` itself from all-reduced per-task
+        gradients): run the forward under ``model.no_sync()`` then."""
+        return self._engine.writes_directly
+
     def state_dict(self) -> dict[str, Any]:
         """Plugin states, the step counter and the generator: a resumed run continues
         bit-for-bit after :meth:`load_state_dict`."""
+        if self._pending is not None:
+            raise InputError(
+                "state_dict() in the middle of gradient accumulation: save after the "
+                "backward(..., sync=True) of the optimizer step"
+            )
         return {
             "version": 1,
             "tasks": list(self.tasks),
@@ -292,6 +348,7 @@ class MTL:
             plugin.load_state_dict(saved[key])
         self._index = int(state["index"])
         self.generator.set_state(state["generator"])
+        self._pending = None
 
     def close(self) -> None:
         """Let plugins flush and close their outputs (fires ``mtl_close``)."""
@@ -365,23 +422,34 @@ class MTL:
                 raise InputError("features= must be a tensor in the graph (requires_grad=True)")
         return tuple(ordered)
 
+    def _report(self, step: Step, start: float, **fields: Any) -> StepReport:
+        timings = dict(fields.pop("timings", {}))
+        timings["total"] = time.perf_counter() - start
+        defaults: dict[str, Any] = {
+            "space": self.space,
+            "loss_weights": None,
+            "weights": None,
+            "gramian": None,
+        }
+        defaults.update(fields)
+        defaults.setdefault("losses", step.losses)
+        return StepReport(
+            index=step.index,
+            tasks=self.tasks,
+            timings=MappingProxyType(timings),
+            **defaults,
+        )
+
     def _nonfinite(self, step: Step, what: str, start: float) -> StepReport:
+        self._engine.discard()
         if self.config.on_nonfinite == "raise":
             raise NonFiniteError(
                 f"{what} at step {step.index}; nothing was written. Set on_nonfinite: skip to "
                 "skip such steps instead"
             )
-        return StepReport(
-            index=step.index,
-            tasks=self.tasks,
-            space=self.space,
-            losses=step.losses.clone(),
-            loss_weights=None,
-            weights=None,
-            gramian=None if step.gradients is None else step.gradients.gramian.detach().clone(),
-            skipped=True,
-            reason=what,
-            timings=MappingProxyType({"total": time.perf_counter() - start}),
+        gramian = None if step.gradients is None else step.gradients.gramian.detach().clone()
+        return self._report(
+            step, start, losses=step.losses.clone(), gramian=gramian, skipped=True, reason=what
         )
 
     def _checked_weights(self, weights: object, stage: str) -> Tensor:
@@ -397,6 +465,20 @@ class MTL:
             )
         return weights
 
+    @staticmethod
+    def _check_finite_weights(weights: Tensor, stage: str) -> None:
+        if not bool(torch.isfinite(weights).all()):
+            raise PluginError(
+                f"{stage} produced non-finite weights {weights.tolist()}; nothing was written"
+            )
+
+    def _wants_gradients(self, index: int) -> bool:
+        if self.space is Space.NONE:
+            return False
+        if self._pending is not None:
+            return True
+        return any(plugin.wants_gradients(index) for plugin in self._gradient_plugins)
+
     def _run(self, step: Step) -> StepReport:
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -404,45 +486,64 @@ class MTL:
             bad = [
                 t
                 for t, v in zip(self.tasks, step.losses.tolist())
-                if not torch.isfinite(torch.tensor(v))
+                if v != v or abs(v) == float("inf")
             ]
             return self._nonfinite(step, f"non-finite loss for task(s) {bad}", start)
+        engine, hooks, scale = self._engine, self._manager.hook, step.loss_scale
+        wanted = self._wants_gradients(step.index)
 
-        hooks = self._manager.hook
+        per_task: PerTask | None = None
+        if wanted and engine.writes_directly and (not step.sync or self._pending is not None):
+            mark = time.perf_counter()
+            current = engine.compute(step.loss_tensors, step.features, scale)
+            if self._pending is None:
+                self._pending = (current, step.losses.clone())
+            else:
+                self._pending[0].add(current)
+                self._pending = (self._pending[0], self._pending[1] + step.losses)
+            timings["task_gradients"] = time.perf_counter() - mark
+            if not step.sync:
+                return self._report(step, start, accumulating=True, timings=timings)
+            per_task, step.losses = self._pending
+            self._pending = None
+
         mark = time.perf_counter()
         hooks.mtl_scale_losses(step=step)
         step.weights = self._checked_weights(step.weights, "loss scaling")
         loss_weights = step.weights.clone()
         timings["scale_losses"] = time.perf_counter() - mark
 
-        if self.space is Space.NONE or not any(
-            plugin.wants_gradients(step.index) for plugin in self._gradient_plugins
-        ):
+        if not wanted:
             mark = time.perf_counter()
             self._check_finite_weights(step.weights, "loss scaling")
-            self._weighted_backward(
-                step.loss_tensors, step.weights, has_weights=self._has_scaling()
-            )
+            # Without loss scaling the weights are all one: a plain sum, as cheap as by hand.
+            weights = step.weights if self._has_scaling else None
+            engine.weighted_backward(step.loss_tensors, weights, scale)
             self._backward_auxiliary(step)
             timings["backward"] = time.perf_counter() - mark
-            timings["total"] = time.perf_counter() - start
-            return StepReport(
-                index=step.index,
-                tasks=self.tasks,
+            return self._report(
+                step,
+                start,
                 space=Space.NONE,
-                losses=step.losses,
                 loss_weights=loss_weights,
                 weights=loss_weights,
-                gramian=None,
-                timings=MappingProxyType(timings),
+                timings=timings,
             )
 
         mark = time.perf_counter()
-        gradients, extra = self._task_gradients(step)
-        timings["task_gradients"] = time.perf_counter() - mark
+        if per_task is None:
+            per_task = engine.compute(step.loss_tensors, step.features, scale)
+        gradients = engine.gradients(per_task, scale)
         step.gradients = gradients
+        timings["task_gradients"] = timings.get("task_gradients", 0.0) + time.perf_counter() - mark
         if not bool(torch.isfinite(gradients.gramian).all()):
-            return self._nonfinite(step, "non-finite task gradients (Gramian)", start)
+            if scale is None:
+                return self._nonfinite(step, "non-finite task gradients (Gramian)", start)
+            # Mixed precision overflow: write the gradients as they are so the GradScaler sees
+            # the inf, skips the optimizer step and lowers its scale.
+            engine.write_weighted(step.loss_tensors, per_task, step.weights, scale)
+            reason = "non-finite task gradients under loss scaling: left for the GradScaler"
+            return self._report(step, start, gramian=gradients.gramian, skipped=True, reason=reason)
 
         mark = time.perf_counter()
         hooks.mtl_balance(step=step)
@@ -456,10 +557,13 @@ class MTL:
 
         mark = time.perf_counter()
         weights = step.weights.to(gradients.gramian.dtype)
+        coefficients: Tensor | None
         if combined is not None:
             coefficients = None
             self._check_finite_weights(torch.cat([weights, combined.reshape(-1)]), "aggregation")
-            self._write_combined(step, combined, weights, extra)
+            engine.write_combined(
+                step.loss_tensors, per_task, step.features, combined, weights, scale
+            )
         else:
             if alphas is None:
                 coefficients = weights
@@ -467,157 +571,20 @@ class MTL:
                 alphas = self._checked_weights(alphas, "aggregation")
                 coefficients = alphas.to(weights.dtype) * weights
             self._check_finite_weights(coefficients, "aggregation")
-            self._write_weighted(step, coefficients, extra)
+            engine.write_weighted(step.loss_tensors, per_task, coefficients, scale)
         self._backward_auxiliary(step)
         timings["write"] = time.perf_counter() - mark
-        timings["total"] = time.perf_counter() - start
-        return StepReport(
-            index=step.index,
-            tasks=self.tasks,
-            space=self.space,
-            losses=step.losses,
+        return self._report(
+            step,
+            start,
             loss_weights=loss_weights,
             weights=None if coefficients is None else coefficients.detach().clone(),
             gramian=gradients.gramian.detach(),
-            block_gramians=MappingProxyType(
-                dict(zip(gradients.names, gradients.block_gramians))
-            ),
-            timings=MappingProxyType(timings),
+            block_gramians=MappingProxyType(dict(zip(gradients.names, gradients.block_gramians))),
+            timings=timings,
         )
-
-    def _has_scaling(self) -> bool:
-        return any(p.family is Family.LOSS_SCALING for p in self.plugins.values())
-
-    @staticmethod
-    def _check_finite_weights(weights: Tensor, stage: str) -> None:
-        if not bool(torch.isfinite(weights).all()):
-            raise PluginError(
-                f"{stage} produced non-finite weights {weights.tolist()}; nothing was written"
-            )
-
-    @staticmethod
-    def _weighted_backward(
-        losses: tuple[Tensor, ...], weights: Tensor, *, has_weights: bool
-    ) -> None:
-        if has_weights:
-            total = (torch.stack(losses) * weights.to(losses[0].dtype)).sum()
-        else:
-            total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        total.backward()
 
     @staticmethod
     def _backward_auxiliary(step: Step) -> None:
         if step.auxiliary_losses:
             torch.stack(step.auxiliary_losses).sum().backward()
-
-    # -- gradient spaces ----------------------------------------------------------------------
-
-    def _task_gradients(self, step: Step) -> tuple[TaskGradients, list[dict[int, Tensor]]]:
-        """Per-task gradients of the unweighted losses in the chosen space.
-
-        Returns the gradients and, in space ``params``, each task's gradients of its
-        task-specific leaves (keyed by ``id``), so that no second backward is needed.
-        """
-        losses = step.loss_tensors
-        if self.space is Space.FEATURES:
-            assert step.features is not None
-            z = step.features
-            found = [
-                torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0]
-                for loss in losses
-            ]
-            if all(grad is None for grad in found):
-                raise InputError("features= is not in the graph of any loss: pass the trunk output")
-            rows = [torch.zeros_like(z) if grad is None else grad for grad in found]
-            block = torch.stack(rows).reshape(len(losses), -1)
-            return TaskGradients.from_blocks(self.space, ["features"], [block]), []
-
-        named = self._shared if self.space is Space.PARAMS else self._last_shared
-        params = [p for _, p in named]
-        shared_ids = {id(p) for p in params}
-        last = len(losses) - 1
-        per_task: list[tuple[Tensor | None, ...]] = []
-        extras: list[dict[int, Tensor]] = []
-        for i, loss in enumerate(losses):
-            leaves = _graph_leaves(loss, shared_ids) if self.space is Space.PARAMS else []
-            grads = torch.autograd.grad(
-                loss,
-                params + leaves,
-                retain_graph=self.space is not Space.PARAMS or i < last,
-                allow_unused=True,
-            )
-            per_task.append(grads[: len(params)])
-            extras.append(
-                {id(leaf): g for leaf, g in zip(leaves, grads[len(params) :]) if g is not None}
-            )
-            self._leaves_seen.update((id(leaf), leaf) for leaf in leaves)
-        blocks = []
-        for j, (name, p) in enumerate(named):
-            column = [grads[j] for grads in per_task]
-            if all(g is None for g in column):
-                raise InputError(
-                    f"shared parameter {name!r} receives no gradient from any task: remove it "
-                    "from shared= (or set requires_grad=False), or check the forward pass"
-                )
-            blocks.append(
-                torch.stack([torch.zeros_like(p) if g is None else g for g in column]).reshape(
-                    len(losses), -1
-                )
-            )
-        names = [name for name, _ in named]
-        return TaskGradients.from_blocks(self.space, names, blocks), extras
-
-    def _write_weighted(
-        self, step: Step, coefficients: Tensor, extras: list[dict[int, Tensor]]
-    ) -> None:
-        if self.space is not Space.PARAMS:
-            # The gradient of Σ c_i L_i is Σ c_i ∇L_i everywhere (chain rule): one backward
-            # writes shared and task-specific parameters alike.
-            self._weighted_backward(step.loss_tensors, coefficients, has_weights=True)
-            return
-        assert step.gradients is not None
-        for (_, p), block in zip(self._shared, step.gradients.blocks):
-            _accumulate(p, coefficients.to(block.dtype) @ block)
-        self._write_task_specific(coefficients, extras)
-
-    def _write_task_specific(self, coefficients: Tensor, extras: list[dict[int, Tensor]]) -> None:
-        totals: dict[int, Tensor] = {}
-        for c, grads in zip(coefficients, extras):
-            for key, grad in grads.items():
-                term = grad * c.to(grad.dtype)
-                totals[key] = term if key not in totals else totals[key] + term
-        for key, total in totals.items():
-            _accumulate(self._leaves_seen[key], total)
-        self._leaves_seen.clear()
-
-    def _write_combined(
-        self, step: Step, combined: Tensor, weights: Tensor, extras: list[dict[int, Tensor]]
-    ) -> None:
-        gradients = step.gradients
-        assert gradients is not None
-        width = sum(block.shape[1] for block in gradients.blocks)
-        if combined.shape != (width,):
-            raise PluginError(
-                f"combined gradient has shape {tuple(combined.shape)}, expected ({width},)"
-            )
-        if self.space is Space.FEATURES:
-            assert step.features is not None
-            replacement = combined.reshape(step.features.shape).to(step.features.dtype)
-            handle = step.features.register_hook(lambda _grad: replacement)
-            try:
-                self._weighted_backward(step.loss_tensors, weights, has_weights=True)
-            finally:
-                handle.remove()
-            return
-        if self.space is Space.PARAMS:
-            offset = 0
-            for (_, p), block in zip(self._shared, gradients.blocks):
-                size = block.shape[1]
-                _accumulate(p, combined[offset : offset + size])
-                offset += size
-            self._write_task_specific(weights, extras)
-            return
-        raise PluginError(
-            f"coordinate-wise aggregation is defined in spaces 'features' and 'params', "
-            f"not {self.space.value!r}"
-        )

@@ -34,6 +34,8 @@ class StepReport:
     weights: Tensor | None
     gramian: Tensor | None
     block_gramians: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))
+    accumulating: bool = False
+    """A micro-step of gradient accumulation whose gradients wait for the ``sync=True`` call."""
     skipped: bool = False
     reason: str | None = None
     timings: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))

@@ -68,6 +68,10 @@ class Step:
     loss_tensors: tuple[Tensor, ...] = ()
     """The losses with their graph, in task order: read them, never call backward on them."""
     features: Tensor | None = None
+    sync: bool = True
+    """False on the micro-steps of gradient accumulation before an optimizer step."""
+    loss_scale: Tensor | None = None
+    """The mixed-precision loss scale of this call, if any (Gramians are already unscaled)."""
     gradients: TaskGradients | None = None
     """Per-task gradients; ``None`` before the gradient stage and in space ``none``."""
     auxiliary_losses: list[Tensor] = field(default_factory=list)

@@ -1,0 +1,297 @@
+"""The gradient engine: per-task gradients in one space, synchronised across processes, and the
+write-back into ``.grad``. Knows nothing of plugins; :class:`mtlhooks.MTL` drives it.
+
+Spaces and what each costs (T tasks):
+
+- ``features``: T vector-Jacobian products from the losses to z (through the heads only), then
+  one backward of ``Σ cᵢLᵢ`` (which DDP synchronises as usual).
+- ``last_shared``: T products from the losses to the last shared layer, then one backward.
+- ``params``: T products to every parameter; ``.grad`` is written from them directly, with no
+  further backward. Task-specific leaves are found by walking the autograd graph.
+
+Across processes (a :class:`mtlhooks.distributed.Communicator` with more than one process):
+``features`` sums the per-rank Gramians (exact: the ranks' samples are disjoint coordinates of
+z); ``last_shared`` and ``params`` (``sync: exact``) average the per-task gradients themselves,
+so every rank aggregates the gradients of the global batch; ``params`` with ``sync: gramian``
+averages only the per-rank Gramians and leaves the weighted backward to DDP (approximate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mtlhooks.distributed import Communicator
+from mtlhooks.errors import InputError, PluginError
+from mtlhooks.plugin import Space
+from mtlhooks.step import TaskGradients
+
+NamedParameters = Sequence[tuple[str, Tensor]]
+
+
+def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
+    """Leaf tensors that ``root.backward()`` would accumulate into, except those in ``exclude``
+    (by ``id``), in a deterministic order (depth-first from ``root``)."""
+    leaves: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in exclude:
+                leaves.append(variable)
+            continue
+        stack.extend(next_node for next_node, _ in reversed(node.next_functions))
+    return leaves
+
+
+def accumulate(parameter: Tensor, gradient: Tensor) -> None:
+    """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would."""
+    gradient = gradient.detach().reshape(parameter.shape)
+    if parameter.grad is None:
+        parameter.grad = gradient.to(parameter.dtype).clone(memory_format=torch.contiguous_format)
+    else:
+        parameter.grad.add_(gradient.to(parameter.grad.dtype))
+
+
+def _flat_all_reduce(comm: Communicator, tensors: Sequence[Tensor], op: str) -> list[Tensor]:
+    """All-reduce several tensors in one collective (one flat buffer)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = comm.all_reduce(flat, op)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+@dataclass
+class PerTask:
+    """One call's (or one accumulation window's) per-task gradients, before aggregation."""
+
+    names: list[str]
+    blocks: list[Tensor]
+    """T×n per block of the space (scaled by the loss scale, if any)."""
+    extras: list[dict[int, Tensor]] = field(default_factory=list)
+    """Space ``params``: each task's gradients of its task-specific leaves, by ``id``."""
+
+    def add(self, other: PerTask) -> None:
+        for mine, theirs in zip(self.blocks, other.blocks):
+            mine.add_(theirs)
+        for mine_extra, their_extra in zip(self.extras, other.extras):
+            for key, grad in their_extra.items():
+                if key in mine_extra:
+                    mine_extra[key].add_(grad)
+                else:
+                    mine_extra[key] = grad
+
+
+class GradientEngine:
+    """Computes, synchronises and writes per-task gradients for one :class:`mtlhooks.MTL`."""
+
+    def __init__(
+        self,
+        space: Space,
+        *,
+        shared: NamedParameters,
+        last_shared: NamedParameters,
+        communicator: Communicator | None,
+        exact_params: bool,
+    ) -> None:
+        self.space = space
+        self.named = list(shared if space is Space.PARAMS else last_shared)
+        self.shared = list(shared)
+        self.comm = (
+            communicator if communicator is not None and communicator.world_size > 1 else None
+        )
+        self.exact_params = exact_params
+        self._leaves: dict[int, Tensor] = {}
+
+    @property
+    def writes_directly(self) -> bool:
+        """Whether ``.grad`` is written from the per-task gradients (no final backward)."""
+        return self.space is Space.PARAMS and self.exact_params
+
+    # -- per-task gradients ------------------------------------------------------------------
+
+    def compute(
+        self, losses: Sequence[Tensor], features: Tensor | None, scale: Tensor | None
+    ) -> PerTask:
+        """This process's per-task gradients of the unweighted losses (times ``scale``)."""
+        count = len(losses)
+        if self.space is Space.FEATURES:
+            assert features is not None
+            found = [
+                torch.autograd.grad(
+                    loss,
+                    features,
+                    grad_outputs=_seed(loss, scale),
+                    retain_graph=True,
+                    allow_unused=True,
+                )[0]
+                for loss in losses
+            ]
+            if all(g is None for g in found):
+                raise InputError("features= is not in the graph of any loss: pass the trunk output")
+            rows = [torch.zeros_like(features) if g is None else g for g in found]
+            return PerTask(["features"], [torch.stack(rows).reshape(count, -1)])
+
+        params = [p for _, p in self.named]
+        shared_ids = {id(p) for p in params}
+        direct = self.writes_directly
+        per_task: list[Sequence[Tensor | None]] = []
+        extras: list[dict[int, Tensor]] = []
+        for i, loss in enumerate(losses):
+            leaves = graph_leaves(loss, shared_ids) if direct else []
+            grads: Sequence[Tensor | None] = torch.autograd.grad(
+                loss,
+                params + leaves,
+                grad_outputs=_seed(loss, scale),
+                retain_graph=not direct or i < count - 1,
+                allow_unused=True,
+            )
+            per_task.append(grads[: len(params)])
+            extras.append(
+                {id(leaf): g for leaf, g in zip(leaves, grads[len(params) :]) if g is not None}
+            )
+            self._leaves.update((id(leaf), leaf) for leaf in leaves)
+        blocks = []
+        for j, (name, p) in enumerate(self.named):
+            column = [grads[j] for grads in per_task]
+            if all(g is None for g in column):
+                raise InputError(
+                    f"shared parameter {name!r} receives no gradient from any task: remove it "
+                    "from shared= (or set requires_grad=False), or check the forward pass"
+                )
+            stacked = torch.stack([torch.zeros_like(p) if g is None else g for g in column])
+            blocks.append(stacked.reshape(count, -1))
+        return PerTask([name for name, _ in self.named], blocks, extras)
+
+    def gradients(self, per_task: PerTask, scale: Tensor | None) -> TaskGradients:
+        """Synchronise across processes and build the Gramians (unscaled by ``scale``²)."""
+        blocks = per_task.blocks
+        if self.comm is not None and (
+            self.space is Space.LAST_SHARED or (self.space is Space.PARAMS and self.exact_params)
+        ):
+            blocks = _flat_all_reduce(self.comm, blocks, "mean")
+            per_task.blocks = blocks
+        gradients = TaskGradients.from_blocks(self.space, per_task.names, blocks)
+        parts = list(gradients.block_gramians)
+        changed = False
+        if self.comm is not None and self.space is Space.FEATURES:
+            # Disjoint samples: the global Gramian is Σ_r G_r / R² for a loss averaged over ranks.
+            world = self.comm.world_size
+            parts = [p / world**2 for p in _flat_all_reduce(self.comm, parts, "sum")]
+            changed = True
+        elif self.comm is not None and self.space is Space.PARAMS and not self.exact_params:
+            parts = _flat_all_reduce(self.comm, parts, "mean")
+            changed = True
+        if scale is not None:
+            parts = [p / (scale * scale).to(p.dtype) for p in parts]
+            changed = True
+        if not changed:
+            return gradients
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        return TaskGradients(self.space, gradients.names, blocks, parts, total)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def weighted_backward(
+        self, losses: Sequence[Tensor], weights: Tensor | None, scale: Tensor | None
+    ) -> None:
+        """One backward of ``Σ wᵢLᵢ`` (``Σ Lᵢ`` when ``weights`` is None), times ``scale``."""
+        if weights is None:
+            total = losses[0] if len(losses) == 1 else torch.stack(list(losses)).sum()
+        else:
+            total = (torch.stack(list(losses)) * weights.to(losses[0].dtype)).sum()
+        if scale is not None:
+            total = total * scale.to(total.dtype)
+        total.backward()
+
+    def write_weighted(
+        self,
+        losses: Sequence[Tensor],
+        per_task: PerTask,
+        coefficients: Tensor,
+        scale: Tensor | None,
+    ) -> None:
+        """``.grad += Σ cᵢ ∇Lᵢ`` on every parameter."""
+        if not self.writes_directly:
+            # The gradient of Σ cᵢLᵢ is Σ cᵢ∇Lᵢ everywhere (chain rule): one backward writes
+            # shared and task-specific parameters alike.
+            self.weighted_backward(losses, coefficients, scale)
+            return
+        for (_, p), block in zip(self.shared, per_task.blocks):
+            accumulate(p, coefficients.to(block.dtype) @ block)
+        self._write_task_specific(per_task, coefficients)
+
+    def write_combined(
+        self,
+        losses: Sequence[Tensor],
+        per_task: PerTask,
+        features: Tensor | None,
+        combined: Tensor,
+        weights: Tensor,
+        scale: Tensor | None,
+    ) -> None:
+        """Shared part: ``combined`` (a coordinate-wise aggregation); the rest: ``Σ wᵢ∇Lᵢ``."""
+        width = sum(block.shape[1] for block in per_task.blocks)
+        if combined.shape != (width,):
+            raise PluginError(
+                f"combined gradient has shape {tuple(combined.shape)}, expected ({width},)"
+            )
+        if self.space is Space.FEATURES:
+            assert features is not None
+            replacement = combined.reshape(features.shape).to(features.dtype)
+            if scale is not None:
+                replacement = replacement * scale.to(replacement.dtype)
+            handle = features.register_hook(lambda _grad: replacement)
+            try:
+                self.weighted_backward(losses, weights, scale)
+            finally:
+                handle.remove()
+            return
+        if self.writes_directly:
+            offset = 0
+            for (_, p), block in zip(self.shared, per_task.blocks):
+                size = block.shape[1]
+                accumulate(p, combined[offset : offset + size])
+                offset += size
+            self._write_task_specific(per_task, weights)
+            return
+        raise PluginError(
+            "coordinate-wise aggregation is defined in spaces 'features' and 'params' "
+            f"(sync: exact), not {self.space.value!r}"
+        )
+
+    def _write_task_specific(self, per_task: PerTask, coefficients: Tensor) -> None:
+        totals: dict[int, Tensor] = {}
+        for c, grads in zip(coefficients, per_task.extras):
+            for key, grad in grads.items():
+                term = grad * c.to(grad.dtype)
+                totals[key] = term if key not in totals else totals[key] + term
+        keys = list(totals)
+        values = [totals[k] for k in keys]
+        if self.comm is not None:
+            # Same graph on every rank, so the same leaves in the same order.
+            values = _flat_all_reduce(self.comm, values, "mean")
+        for key, value in zip(keys, values):
+            accumulate(self._leaves[key], value)
+        self._leaves.clear()
+
+    def discard(self) -> None:
+        """Forget the leaves of a call whose gradients are not written (skipped step)."""
+        self._leaves.clear()
+
+
+def _seed(loss: Tensor, scale: Tensor | None) -> Tensor | None:
+    return None if scale is None else scale.to(loss.dtype).expand_as(loss)
