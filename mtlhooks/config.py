@@ -126,6 +126,14 @@ class MTLConfig(BaseModel):
         "(no gradient written, observers told).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the generator of every random choice.")
+    params_gramian: Literal["auto", "materialize", "layerwise"] = Field(
+        default="auto",
+        description="Space 'params': 'materialize' holds the T×P per-task gradients; "
+        "'layerwise' builds the Gramian layer by layer from the shared nn.Linear layers' inputs "
+        "and output gradients (never holds T×P; then one weighted backward); 'auto' takes "
+        "layerwise when it holds less memory, the call is not accumulating, and no plugin "
+        "reads J.",
+    )
     sync: Literal["exact", "gramian"] = Field(
         default="exact",
         description="Space 'params' across processes: 'exact' all-reduces the per-task gradients "

@@ -142,13 +142,6 @@ class MTL:
         if communicator is None or communicator is True:
             communicator = default_communicator()
         self.communicator: Communicator | None = communicator or None
-        self._engine = GradientEngine(
-            self.space,
-            shared=self._shared,
-            last_shared=self._last_shared,
-            communicator=self.communicator,
-            exact_params=self.config.sync == "exact",
-        )
         # Space 'params' with sync: exact, between micro-steps of gradient accumulation.
         self._pending: tuple[PerTask, Tensor] | None = None
 
@@ -161,6 +154,19 @@ class MTL:
         self._gradient_plugins = [
             plugin for plugin in self.plugins.values() if plugin.needs is not Need.NOTHING
         ]
+        self._engine = GradientEngine(
+            self.space,
+            shared=self._shared,
+            last_shared=self._last_shared,
+            communicator=self.communicator,
+            exact_params=self.config.sync == "exact",
+            layerwise_mode=(
+                "materialize"
+                if any(p.needs is Need.JACOBIAN for p in self._gradient_plugins)
+                else self.config.params_gramian
+            ),
+            shared_module=shared if isinstance(shared, nn.Module) else None,
+        )
         self._manager = registry.new_plugin_manager()
         self._manager.register(_Core(self), name="mtlhooks.core")
         # pluggy calls implementations last-registered-first: register in reverse of the order
@@ -351,8 +357,10 @@ class MTL:
         self._pending = None
 
     def close(self) -> None:
-        """Let plugins flush and close their outputs (fires ``mtl_close``)."""
+        """Let plugins flush and close their outputs (fires ``mtl_close``) and remove the
+        forward hooks of the layerwise Gramian; the object is not used afterwards."""
         self._manager.hook.mtl_close()
+        self._engine.close()
 
     def __enter__(self) -> MTL:
         return self
@@ -495,7 +503,7 @@ class MTL:
         per_task: PerTask | None = None
         if wanted and engine.writes_directly and (not step.sync or self._pending is not None):
             mark = time.perf_counter()
-            current = engine.compute(step.loss_tensors, step.features, scale)
+            current = engine.compute(step.loss_tensors, step.features, scale, accumulating=True)
             if self._pending is None:
                 self._pending = (current, step.losses.clone())
             else:
@@ -516,6 +524,7 @@ class MTL:
         if not wanted:
             mark = time.perf_counter()
             self._check_finite_weights(step.weights, "loss scaling")
+            engine.discard()  # layer records of this forward are not needed
             # Without loss scaling the weights are all one: a plain sum, as cheap as by hand.
             weights = step.weights if self._has_scaling else None
             engine.weighted_backward(step.loss_tensors, weights, scale)

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from mtlhooks import layerwise
 from mtlhooks.distributed import Communicator
 from mtlhooks.errors import InputError, PluginError
 from mtlhooks.plugin import Space
@@ -83,6 +84,14 @@ class PerTask:
     """T×n per block of the space (scaled by the loss scale, if any)."""
     extras: list[dict[int, Tensor]] = field(default_factory=list)
     """Space ``params``: each task's gradients of its task-specific leaves, by ``id``."""
+    gramians: list[Tensor] = field(default_factory=list)
+    """Layerwise mode: Gramians of the first ``len(gramians)`` names, whose per-task gradients
+    were never formed; ``blocks`` then hold the remaining names only."""
+
+    @property
+    def materialized(self) -> bool:
+        """Whether ``blocks`` hold every column of J."""
+        return not self.gramians
 
     def add(self, other: PerTask) -> None:
         for mine, theirs in zip(self.blocks, other.blocks):
@@ -106,6 +115,8 @@ class GradientEngine:
         last_shared: NamedParameters,
         communicator: Communicator | None,
         exact_params: bool,
+        layerwise_mode: str = "materialize",
+        shared_module: nn.Module | None = None,
     ) -> None:
         self.space = space
         self.named = list(shared if space is Space.PARAMS else last_shared)
@@ -115,19 +126,57 @@ class GradientEngine:
         )
         self.exact_params = exact_params
         self._leaves: dict[int, Tensor] = {}
+        self.layerwise_mode = layerwise_mode
+        self.taps: layerwise.LayerTaps | None = None
+        if space is Space.PARAMS and layerwise_mode != "materialize" and shared_module is not None:
+            names = {id(p): name for name, p in self.shared}
+            self.taps = layerwise.LayerTaps(shared_module, names)
+            covered = self.taps.covered()
+            self._untapped = [(name, p) for name, p in self.shared if id(p) not in covered]
+            if not self.taps.layers:
+                self.taps.remove()
+                self.taps = None
+
+    def use_layerwise(self, accumulating: bool) -> bool:
+        """Whether this call takes the layerwise Gramian (decided from the recorded shapes)."""
+        if self.taps is None or accumulating:
+            return False
+        if not all(layer.records for layer in self.taps.layers):
+            # The forward ran before the hooks existed (or skipped a layer): materialise.
+            return False
+        if self.layerwise_mode == "layerwise":
+            return True
+        # auto: the cheaper in memory, and exact across processes only when materialised.
+        if self.comm is not None and self.exact_params:
+            return False
+        held = self.taps.pending_rows() + sum(p.numel() for _, p in self._untapped)
+        return held < sum(p.numel() for _, p in self.shared)
 
     @property
     def writes_directly(self) -> bool:
-        """Whether ``.grad`` is written from the per-task gradients (no final backward)."""
+        """Whether ``.grad`` is written from materialised per-task gradients (no final
+        backward) when the call materialises them."""
         return self.space is Space.PARAMS and self.exact_params
 
     # -- per-task gradients ------------------------------------------------------------------
 
     def compute(
-        self, losses: Sequence[Tensor], features: Tensor | None, scale: Tensor | None
+        self,
+        losses: Sequence[Tensor],
+        features: Tensor | None,
+        scale: Tensor | None,
+        *,
+        accumulating: bool = False,
     ) -> PerTask:
         """This process's per-task gradients of the unweighted losses (times ``scale``)."""
         count = len(losses)
+        if self.use_layerwise(accumulating):
+            assert self.taps is not None
+            seeds = [_seed(loss, scale) for loss in losses]
+            names, gramians, blocks = layerwise.collect(self.taps, losses, self._untapped, seeds)
+            return PerTask(names, blocks, gramians=gramians)
+        if self.taps is not None:
+            self.taps.clear()
         if self.space is Space.FEATURES:
             assert features is not None
             found = [
@@ -179,12 +228,19 @@ class GradientEngine:
     def gradients(self, per_task: PerTask, scale: Tensor | None) -> TaskGradients:
         """Synchronise across processes and build the Gramians (unscaled by ``scale``²)."""
         blocks = per_task.blocks
-        if self.comm is not None and (
-            self.space is Space.LAST_SHARED or (self.space is Space.PARAMS and self.exact_params)
-        ):
+        exact = self.space is Space.LAST_SHARED or (
+            self.space is Space.PARAMS and self.exact_params and per_task.materialized
+        )
+        if self.comm is not None and exact:
             blocks = _flat_all_reduce(self.comm, blocks, "mean")
             per_task.blocks = blocks
-        gradients = TaskGradients.from_blocks(self.space, per_task.names, blocks)
+        if per_task.materialized:
+            gradients = TaskGradients.from_blocks(self.space, per_task.names, blocks)
+        else:
+            partial = TaskGradients.from_blocks(self.space, [], blocks) if blocks else None
+            parts = per_task.gramians + (list(partial.block_gramians) if partial else [])
+            total = torch.stack(parts).sum(0)
+            gradients = TaskGradients(self.space, per_task.names, [], parts, total)
         parts = list(gradients.block_gramians)
         changed = False
         if self.comm is not None and self.space is Space.FEATURES:
@@ -192,7 +248,7 @@ class GradientEngine:
             world = self.comm.world_size
             parts = [p / world**2 for p in _flat_all_reduce(self.comm, parts, "sum")]
             changed = True
-        elif self.comm is not None and self.space is Space.PARAMS and not self.exact_params:
+        elif self.comm is not None and self.space is Space.PARAMS and not exact:
             parts = _flat_all_reduce(self.comm, parts, "mean")
             changed = True
         if scale is not None:
@@ -225,7 +281,7 @@ class GradientEngine:
         scale: Tensor | None,
     ) -> None:
         """``.grad += Σ cᵢ ∇Lᵢ`` on every parameter."""
-        if not self.writes_directly:
+        if not (self.writes_directly and per_task.materialized):
             # The gradient of Σ cᵢLᵢ is Σ cᵢ∇Lᵢ everywhere (chain rule): one backward writes
             # shared and task-specific parameters alike.
             self.weighted_backward(losses, coefficients, scale)
@@ -260,7 +316,7 @@ class GradientEngine:
             finally:
                 handle.remove()
             return
-        if self.writes_directly:
+        if self.writes_directly and per_task.materialized:
             offset = 0
             for (_, p), block in zip(self.shared, per_task.blocks):
                 size = block.shape[1]
@@ -288,9 +344,17 @@ class GradientEngine:
             accumulate(self._leaves[key], value)
         self._leaves.clear()
 
+    def close(self) -> None:
+        """Remove the forward hooks of the layerwise Gramian."""
+        if self.taps is not None:
+            self.taps.remove()
+            self.taps = None
+
     def discard(self) -> None:
-        """Forget the leaves of a call whose gradients are not written (skipped step)."""
+        """Forget the leaves and layer records of a call whose gradients are not written."""
         self._leaves.clear()
+        if self.taps is not None:
+            self.taps.clear()
 
 
 def _seed(loss: Tensor, scale: Tensor | None) -> Tensor | None:

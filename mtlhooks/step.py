@@ -42,6 +42,11 @@ class TaskGradients:
 
     def matrix(self) -> Tensor:
         """The T×P matrix J (concatenates the blocks: a copy when there is more than one)."""
+        if len(self.blocks) != len(self.names):
+            raise PluginError(
+                "the per-task gradients were not materialised (layerwise Gramian): a plugin "
+                "that reads J must declare needs = Need.JACOBIAN"
+            )
         if len(self.blocks) == 1:
             return self.blocks[0]
         return torch.cat(list(self.blocks), dim=1)

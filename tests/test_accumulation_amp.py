@@ -18,7 +18,10 @@ def losses_on(problem, model, x):
     }
 
 
-@pytest.mark.parametrize("plugins", [["pcgrad"], ["avgnorm", "mgda"], [{"name": "static", "weights": {"a": 2.0}}, "gradstats"]])
+@pytest.mark.parametrize(
+    "plugins",
+    [["pcgrad"], ["avgnorm", "mgda"], [{"name": "static", "weights": {"a": 2.0}}, "gradstats"]],
+)
 def test_accumulated_micro_steps_equal_one_big_batch(make_problem, plugins):
     """K micro-steps with losses / K and sync=False, then sync=True: same weights and .grad as
     one call on the concatenated batch (space params, sync: exact)."""
