@@ -13,6 +13,8 @@ machine's noise hits all of them alike. References measured in the same run:
 
 from __future__ import annotations
 
+import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -69,14 +71,19 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], tuple[int, ...]]] = {
     "cnn": (_CNN, (32, 3, 32, 32)),
 }
 
-CASES: tuple[tuple[str, str], ...] = (
-    ("none", "static"),
-    ("features", "mgda"),
-    ("last_shared", "avgnorm"),
-    ("params", "pcgrad"),
-    ("params", "mgda"),
+CASES: tuple[tuple[str, str, str], ...] = (
+    ("none", "static", "auto"),
+    ("features", "mgda", "auto"),
+    ("last_shared", "avgnorm", "auto"),
+    ("params", "pcgrad", "materialize"),
+    ("params", "pcgrad", "layerwise"),
+    ("params", "mgda", "materialize"),
+    ("params", "mgda", "layerwise"),
 )
-"""(space, plugin) pairs measured for each model and task count."""
+"""(space, plugin, params_gramian) measured for each model and task count."""
+
+TORCHJD_METHODS = {"pcgrad": "PCGrad", "mgda": "MGDA"}
+"""Our plugin → the TorchJD aggregator compared with it (``mtl_backward`` + ``jac_to_grad``)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class Case:
     ratio_to_plain: float
     ratio_to_floor: float | None
     ratio_to_libmtl: float | None
+    ratio_to_torchjd: float | None = None
+    peak_mem_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -98,12 +107,16 @@ class Case:
             "method": self.method,
             "median_ms": round(self.seconds * 1e3, 4),
             "ratio_to_plain": round(self.ratio_to_plain, 4),
-            "ratio_to_floor": None if self.ratio_to_floor is None else round(self.ratio_to_floor, 4),
+            "ratio_to_floor": None
+            if self.ratio_to_floor is None
+            else round(self.ratio_to_floor, 4),
             "ratio_to_libmtl": (
                 None if self.ratio_to_libmtl is None else round(self.ratio_to_libmtl, 4)
             ),
-            "ratio_to_torchjd": None,
-            "peak_mem_bytes": None,
+            "ratio_to_torchjd": (
+                None if self.ratio_to_torchjd is None else round(self.ratio_to_torchjd, 4)
+            ),
+            "peak_mem_bytes": self.peak_mem_bytes,
         }
 
 
@@ -112,12 +125,12 @@ def _losses(model: nn.Module, x: Tensor, targets: Sequence[Tensor]) -> tuple[Ten
     return z, [(out - t).pow(2).mean() for out, t in zip(outputs, targets)]
 
 
-def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> dict[str, Step]:
+def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> tuple[dict[str, Step], Step]:
     """The reference steps and one step per (space, method) case, all on the same model."""
     tasks = len(targets)
     names = [f"t{i}" for i in range(tasks)]
     params = [p for p in model.parameters()]
-    encoder = model.encoder  # type: ignore[attr-defined]
+    encoder = model.get_submodule("encoder")
     shared = list(encoder.parameters())
 
     def zero() -> None:
@@ -143,7 +156,7 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> dict[str, Step
             for p in shared:
                 p.grad = None
             loss.backward(retain_graph=i < tasks - 1)
-            rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))  # type: ignore[union-attr]
+            rows.append(torch.cat([_grad(p).reshape(-1) for p in shared]))
         combined = torch.stack(rows).sum(0)
         offset = 0
         for p in shared:
@@ -151,15 +164,49 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> dict[str, Step
             offset += p.numel()
 
     steps: dict[str, Step] = {"plain": plain, "floor": floor, "libmtl": libmtl}
-    for space, method in CASES:
-        mtl = MTL({"tasks": names, "space": space, "plugins": [method]}, shared=encoder)
+    for space, method, mode in CASES:
+        config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
+        mtl = MTL(config, shared=encoder)
 
         def ours(mtl: MTL = mtl) -> None:
             zero()
             z, losses = _losses(model, x, targets)
             mtl.backward(dict(zip(names, losses)), features=z)
 
-        steps[f"{space}/{method}"] = ours
+        steps[_key(space, method, mode)] = ours
+    steps.update(_torchjd_steps(model, x, targets, zero, shared))
+    return steps, zero
+
+
+def _grad(parameter: Tensor) -> Tensor:
+    assert parameter.grad is not None
+    return parameter.grad
+
+
+def _key(space: str, method: str, mode: str) -> str:
+    return f"{space}/{method}" + (f" [{mode}]" if space == "params" else "")
+
+
+def _torchjd_steps(
+    model: nn.Module, x: Tensor, targets: list[Tensor], zero: Step, shared: list[Tensor]
+) -> dict[str, Step]:
+    """TorchJD's ``mtl_backward`` + ``jac_to_grad`` for each compared method, if installed."""
+    try:
+        from torchjd import aggregation
+        from torchjd.autojac import jac_to_grad, mtl_backward
+    except ImportError:
+        return {}
+    steps: dict[str, Step] = {}
+    for method, class_name in TORCHJD_METHODS.items():
+        aggregator = getattr(aggregation, class_name)()
+
+        def step(aggregator: Any = aggregator) -> None:
+            zero()
+            z, losses = _losses(model, x, targets)
+            mtl_backward(losses, features=z)
+            jac_to_grad(shared, aggregator)
+
+        steps[f"torchjd/{method}"] = step
     return steps
 
 
@@ -174,7 +221,7 @@ def measure(
     with torch.no_grad():
         _, outputs = model(x)
     targets = [torch.randn_like(out) for out in outputs]
-    steps = _steps(model, x, targets)
+    steps, zero = _steps(model, x, targets)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(warmup + repeats):
         for name, step in steps.items():
@@ -184,37 +231,83 @@ def measure(
             if round_index >= warmup:
                 times[name].append(elapsed)
     median = {name: statistics.median(values) for name, values in times.items()}
+    memory = _peak_memory(steps, zero) if memory_supported() else {}
     cases = []
-    for space, method in CASES:
-        seconds = median[f"{space}/{method}"]
+    for space, method, mode in CASES:
+        key = _key(space, method, mode)
+        seconds = median[key]
         per_task = space == "params"
+        torchjd = median.get(f"torchjd/{method}") if per_task else None
+        cases.append(
+            Case(
+                model=model_name,
+                tasks=tasks,
+                space=space,
+                method=method + (f" [{mode}]" if per_task else ""),
+                seconds=seconds,
+                ratio_to_plain=seconds / median["plain"],
+                ratio_to_floor=seconds / median["floor"] if per_task else None,
+                ratio_to_libmtl=seconds / median["libmtl"] if per_task else None,
+                ratio_to_torchjd=None if torchjd is None else seconds / torchjd,
+                peak_mem_bytes=memory.get(key),
+            )
+        )
+    references = [("plain", "plain", "-"), ("floor", "floor", "-"), ("libmtl", "libmtl", "sum")]
+    references += [(f"torchjd/{m}", "torchjd", m) for m in TORCHJD_METHODS]
+    for key, space, method in references:
+        if key not in median:
+            continue
         cases.append(
             Case(
                 model=model_name,
                 tasks=tasks,
                 space=space,
                 method=method,
-                seconds=seconds,
-                ratio_to_plain=seconds / median["plain"],
-                ratio_to_floor=seconds / median["floor"] if per_task else None,
-                ratio_to_libmtl=seconds / median["libmtl"] if per_task else None,
-            )
-        )
-    references = [("plain", "-"), ("floor", "-"), ("libmtl", "sum")]
-    for name, method in references:
-        cases.append(
-            Case(
-                model=model_name,
-                tasks=tasks,
-                space=name,
-                method=method,
-                seconds=median[name],
-                ratio_to_plain=median[name] / median["plain"],
-                ratio_to_floor=median[name] / median["floor"],
-                ratio_to_libmtl=median[name] / median["libmtl"],
+                seconds=median[key],
+                ratio_to_plain=median[key] / median["plain"],
+                ratio_to_floor=median[key] / median["floor"],
+                ratio_to_libmtl=median[key] / median["libmtl"],
+                peak_mem_bytes=memory.get(key),
             )
         )
     return cases
+
+
+MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+
+
+def memory_supported() -> bool:
+    """Peak memory is measured from the kernel's peak resident size (``VmHWM``), reset before
+    each step. It is only meaningful when large allocations go back to the OS when freed:
+    ``mtlhooks bench`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` for that; on CUDA,
+    ``torch.cuda.max_memory_allocated`` is used instead."""
+    return os.environ.get(MMAP_THRESHOLD) is not None and os.path.exists("/proc/self/clear_refs")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _peak_memory(steps: dict[str, Step], zero: Step) -> dict[str, int]:
+    """Bytes above the resident size before the step (gradients freed), at the step's peak
+    (median of 3)."""
+    peaks: dict[str, int] = {}
+    for name, step in steps.items():
+        values = []
+        for _ in range(3):
+            zero()
+            gc.collect()
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+                refs.write("5")
+            base = _status("VmRSS:")
+            step()
+            values.append(max(_status("VmHWM:") - base, 0))
+        peaks[name] = int(statistics.median(values))
+    return peaks
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
@@ -226,12 +319,26 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         cases += measure(model_name, tasks, repeats=repeats, warmup=1 if quick else 3)
     return {
         "device": f"cpu ({torch.get_num_threads()} threads), torch {torch.__version__}",
+        "memory": "peak resident bytes above the step's start (VmHWM)"
+        if memory_supported()
+        else None,
         "cases": [case.as_dict() for case in cases],
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
-    header = ["model", "T", "space", "method", "ms", "÷plain", "÷floor", "÷libmtl"]
+    header = [
+        "model",
+        "T",
+        "space",
+        "method",
+        "ms",
+        "÷plain",
+        "÷floor",
+        "÷libmtl",
+        "÷torchjd",
+        "peak MB",
+    ]
     rows = []
     for case in result["cases"]:
 
@@ -248,6 +355,8 @@ def format_table(result: dict[str, Any]) -> str:
                 ratio(case["ratio_to_plain"]),
                 ratio(case["ratio_to_floor"]),
                 ratio(case["ratio_to_libmtl"]),
+                ratio(case["ratio_to_torchjd"]),
+                "—" if case["peak_mem_bytes"] is None else f"{case['peak_mem_bytes'] / 1e6:.1f}",
             ]
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

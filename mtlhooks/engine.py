@@ -197,7 +197,10 @@ class GradientEngine:
         params = [p for _, p in self.named]
         shared_ids = {id(p) for p in params}
         direct = self.writes_directly
-        per_task: list[Sequence[Tensor | None]] = []
+        # Each task's gradients go straight into preallocated T×n blocks and are dropped, so
+        # the peak holds J once (not J plus T gradient lists).
+        blocks = [p.new_empty((count, p.numel())) for p in params]
+        reached = [False] * len(params)
         extras: list[dict[int, Tensor]] = []
         for i, loss in enumerate(losses):
             leaves = graph_leaves(loss, shared_ids) if direct else []
@@ -208,21 +211,23 @@ class GradientEngine:
                 retain_graph=not direct or i < count - 1,
                 allow_unused=True,
             )
-            per_task.append(grads[: len(params)])
+            for j, grad in enumerate(grads[: len(params)]):
+                if grad is None:
+                    blocks[j][i].zero_()
+                else:
+                    blocks[j][i].copy_(grad.reshape(-1))
+                    reached[j] = True
             extras.append(
                 {id(leaf): g for leaf, g in zip(leaves, grads[len(params) :]) if g is not None}
             )
             self._leaves.update((id(leaf), leaf) for leaf in leaves)
-        blocks = []
-        for j, (name, p) in enumerate(self.named):
-            column = [grads[j] for grads in per_task]
-            if all(g is None for g in column):
+            del grads
+        for (name, _), hit in zip(self.named, reached):
+            if not hit:
                 raise InputError(
                     f"shared parameter {name!r} receives no gradient from any task: remove it "
                     "from shared= (or set requires_grad=False), or check the forward pass"
                 )
-            stacked = torch.stack([torch.zeros_like(p) if g is None else g for g in column])
-            blocks.append(stacked.reshape(count, -1))
         return PerTask([name for name, _ in self.named], blocks, extras)
 
     def gradients(self, per_task: PerTask, scale: Tensor | None) -> TaskGradients:
