@@ -188,7 +188,7 @@ def _key(space: str, method: str, mode: str) -> str:
 
 
 def _torchjd_steps(
-    model: nn.Module, x: Tensor, targets: list[Tensor], zero: Step, shared: list[Tensor]
+    model: nn.Module, x: Tensor, targets: list[Tensor], zero: Step, shared: Sequence[Tensor]
 ) -> dict[str, Step]:
     """TorchJD's ``mtl_backward`` + ``jac_to_grad`` for each compared method, if installed."""
     try:
