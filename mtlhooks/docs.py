@@ -72,9 +72,7 @@ def hooks_reference() -> str:
 
 
 def _replace_block(text: str, marker: str, content: str) -> str:
-    pattern = re.compile(
-        rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", flags=re.DOTALL
-    )
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", flags=re.DOTALL)
     if not pattern.search(text):
         raise ValueError(f"marker {marker!r} not found")
     return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)

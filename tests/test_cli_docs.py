@@ -98,3 +98,29 @@ def test_every_hook_is_documented_with_its_signature(name):
     signature = f"{name}{inspect.signature(function)}".replace("'", "")
     assert signature in text
     assert "Fires" in (function.__doc__ or "") or "Runs" in (function.__doc__ or "")
+
+
+def test_bench_quick_json_has_the_documented_layout(capsys):
+    """The benchmark runs (no timing is asserted: this machine is shared and noisy)."""
+    from mtlhooks.bench import run
+
+    result = run(quick=True)
+    assert isinstance(result["device"], str)
+    keys = {
+        "model",
+        "tasks",
+        "space",
+        "method",
+        "ratio_to_plain",
+        "ratio_to_floor",
+        "ratio_to_torchjd",
+        "peak_mem_bytes",
+    }
+    spaces = {case["space"] for case in result["cases"]}
+    assert {"none", "features", "last_shared", "params", "plain", "floor", "libmtl"} <= spaces
+    for case in result["cases"]:
+        assert keys <= set(case)
+        assert case["ratio_to_plain"] > 0
+        if case["space"] == "params":
+            assert case["ratio_to_floor"] > 0
+    json.dumps(result)
