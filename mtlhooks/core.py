@@ -212,13 +212,16 @@ class MTL:
 
     def _resolve_space(self) -> Space:
         users = self.config.gradient_plugins()
+        # Observers are read-only: they must not change where the other plugins' gradients are
+        # taken, so only they vote when nothing else needs gradients.
+        voters = [e for e in users if e.info.family is not Family.OBSERVER] or users
         if self.config.space != "auto":
             space = Space(self.config.space)
         elif not users:
             space = Space.NONE
         else:
             common = [s for s in self.config.common_spaces() if self._available(s)]
-            firsts = {entry.info.spaces[0] for entry in users}
+            firsts = {entry.info.spaces[0] for entry in voters}
             if not common:
                 names = [entry.name for entry in users]
                 raise ConfigError(
@@ -307,11 +310,11 @@ class MTL:
         for plugin in self.plugins.values():
             yield from plugin.parameters()
 
-    def to(self, device: torch.device | str) -> MTL:
-        """Move the plugins' learnable parameters (call before building the optimizer)."""
-        with torch.no_grad():
-            for parameter in self.parameters():
-                parameter.data = parameter.data.to(device)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MTL:
+        """Move every plugin's tensors, learnable parameters included (in place, so an
+        optimizer that already holds them keeps working); returns self."""
+        for plugin in self.plugins.values():
+            plugin.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -480,6 +483,13 @@ class MTL:
                 f"{stage} produced non-finite weights {weights.tolist()}; nothing was written"
             )
 
+    def _scale_losses(self, step: Step, timings: dict[str, float]) -> Tensor:
+        mark = time.perf_counter()
+        self._manager.hook.mtl_scale_losses(step=step)
+        step.weights = self._checked_weights(step.weights, "loss scaling")
+        timings["scale_losses"] = time.perf_counter() - mark
+        return step.weights.clone()
+
     def _wants_gradients(self, index: int) -> bool:
         if self.space is Space.NONE:
             return False
@@ -515,13 +525,8 @@ class MTL:
             per_task, step.losses = self._pending
             self._pending = None
 
-        mark = time.perf_counter()
-        hooks.mtl_scale_losses(step=step)
-        step.weights = self._checked_weights(step.weights, "loss scaling")
-        loss_weights = step.weights.clone()
-        timings["scale_losses"] = time.perf_counter() - mark
-
         if not wanted:
+            loss_weights = self._scale_losses(step, timings)
             mark = time.perf_counter()
             self._check_finite_weights(step.weights, "loss scaling")
             engine.discard()  # layer records of this forward are not needed
@@ -554,6 +559,9 @@ class MTL:
             reason = "non-finite task gradients under loss scaling: left for the GradScaler"
             return self._report(step, start, gramian=gradients.gramian, skipped=True, reason=reason)
 
+        # Loss scaling runs once the gradients are known to be finite, so that a skipped step
+        # leaves stateful plugins (DWA's history, SLAW's moments) untouched.
+        loss_weights = self._scale_losses(step, timings)
         mark = time.perf_counter()
         hooks.mtl_balance(step=step)
         step.weights = self._checked_weights(step.weights, "norm balancing")

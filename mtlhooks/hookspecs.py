@@ -6,9 +6,10 @@ One call of :meth:`mtlhooks.MTL.backward` runs this pipeline (per micro-step, i.
     │
     ├─ validate: task names, scalar losses with a graph, finite values (policy ``on_nonfinite``)
     └─ mtl_backward(step)                      wrapper hooks around the whole call
+       ├─ per-task gradients of the unweighted losses in the space chosen once at construction
+       │  (features / last_shared / params) → step.gradients; a non-finite Gramian follows
+       │  ``on_nonfinite`` before any plugin has seen the step
        ├─ mtl_scale_losses(step)               loss scaling, config order, chained via step.weights
-       ├─ per-task gradients in the space chosen once at construction (none / features /
-       │  last_shared / params) → step.gradients; a non-finite Gramian follows ``on_nonfinite``
        ├─ mtl_balance(step)                    norm balancing, config order, chained likewise
        ├─ mtl_aggregate(step) -> weights       the one aggregator (default: plain sum, α = 1)
        │  or mtl_combine(step) -> gradient     for coordinate-wise aggregators
@@ -65,8 +66,10 @@ def mtl_backward(step: Step) -> StepReport | None:
 
 @hookspec
 def mtl_scale_losses(step: Step) -> None:
-    """Loss scaling: set new per-task weights from loss values. Fires once per ``backward()``,
-    before any gradient is taken, for every loss-scaling plugin in config order.
+    """Loss scaling: set new per-task weights from loss values. Fires once per ``backward()``
+    (once per optimizer step under accumulation in space ``params``), for every loss-scaling
+    plugin in config order, after the losses (and any per-task gradients) were found finite and
+    before the gradients are balanced and combined: a skipped step never reaches it.
 
     Read ``step.losses`` (detached values, shape ``(T,)``) and the weights set so far
     ``step.weights``; assign the new weights to ``step.weights`` (shape ``(T,)``, detached,

@@ -132,6 +132,16 @@ class Plugin:
         """Learnable parameters the user must hand to an optimizer (none by default)."""
         return iter(())
 
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Plugin:
+        """Move the learnable parameters in place (the same ``Parameter`` objects, so an
+        optimizer built before keeps them); plugins with other tensors override this."""
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.data = parameter.data.to(device=device, dtype=dtype)
+        return self
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-for-bit (empty for stateless plugins)."""
         return {}

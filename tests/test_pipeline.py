@@ -428,3 +428,55 @@ def test_report_is_read_only(problem):
         report.weights = None  # type: ignore[misc]
     assert set(report.timings) >= {"task_gradients", "aggregate", "write", "total"}
     assert report.as_dict()["space"] == "last_shared"
+
+
+def test_skipped_gradient_step_never_reaches_loss_scaling(problem, registered):
+    calls: list[int] = []
+
+    class Counting(Plugin):
+        name = "test_counting"
+        family = Family.LOSS_SCALING
+
+        @hookimpl
+        def mtl_scale_losses(self, step: Step) -> None:
+            calls.append(step.index)
+
+    registered(Counting)
+    mtl = MTL(
+        {"tasks": problem.tasks, "plugins": ["test_counting", "mgda"], "on_nonfinite": "skip"},
+        shared=problem.model.encoder,
+    )
+    z, losses = problem.losses()
+    z.register_hook(lambda g: g * float("inf"))
+    assert mtl.backward(losses).skipped
+    _, losses = problem.losses()
+    assert not mtl.backward(losses).skipped
+    assert calls == [1]
+
+
+def test_observers_do_not_change_the_space(problem):
+    shared = problem.model.encoder
+    alone = MTL({"tasks": problem.tasks, "plugins": ["avgnorm"]}, shared=shared)
+    watched = MTL({"tasks": problem.tasks, "plugins": ["avgnorm", "gradstats"]}, shared=shared)
+    assert alone.space is watched.space is Space.LAST_SHARED
+    only_observer = MTL({"tasks": problem.tasks, "plugins": ["gradstats"]}, shared=shared)
+    assert only_observer.space is Space.PARAMS
+
+
+def test_to_moves_plugin_parameters_in_place(problem, registered):
+    class Holder(Plugin):
+        name = "test_holder"
+        family = Family.LOSS_SCALING
+
+        def __init__(self, config, setup):
+            super().__init__(config, setup)
+            self.s = torch.nn.Parameter(torch.zeros(3))
+
+        def parameters(self):
+            yield self.s
+
+    registered(Holder)
+    mtl = MTL({"tasks": problem.tasks, "plugins": ["test_holder"]})
+    parameter = next(mtl.parameters())
+    assert mtl.to(dtype=torch.float64) is mtl
+    assert next(mtl.parameters()) is parameter and parameter.dtype == torch.float64
