@@ -1,43 +1,93 @@
-"""Gradient statistics observer: norms, cosines, magnitude similarity, conflict rate."""
+"""Gradient statistics observer: the quantities of both seed papers, logged every N steps."""
 
 from __future__ import annotations
 
-import json
-import math
-import sys
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
 
 from mtlhooks import stats
-from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Setup, Space, hookimpl
+from mtlhooks.backends import (
+    Backend,
+    LoggingConfig,
+    Tracker,
+    TrackerBackend,
+    backends_from,
+)
+from mtlhooks.errors import InputError
+from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
 from mtlhooks.report import StepReport
 
 
-class GradStatsConfig(PluginConfig):
-    every: int = Field(default=1, ge=1, description="Record every N-th backward() call.")
-    console: bool = Field(default=False, description="Print one line per record to stderr.")
-    jsonl: str | None = Field(
-        default=None, description="Append one JSON object per record to this file."
+class GradStatsConfig(LoggingConfig):
+    per_layer: bool = Field(
+        default=False,
+        description="Also record the statistics of every block of the gradient space (each "
+        "shared parameter).",
+    )
+    groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Also record statistics per named group of blocks: group → list of "
+        "parameter-name prefixes, e.g. {trunk: ['0.', '2.'], last: ['6.']}.",
     )
 
+    @field_validator("groups")
+    @classmethod
+    def _groups_have_prefixes(cls, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = [name for name, prefixes in groups.items() if not prefixes]
+        if empty:
+            raise ValueError(f"groups {empty} list no parameter-name prefix")
+        return groups
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+
+def _upper(matrix: Tensor, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """A symmetric T×T matrix as its strict upper triangle ``{a: {b: value}}``."""
+    values = matrix.tolist()
+    return {
+        a: {b: values[i][j] for j, b in enumerate(tasks) if j > i} for i, a in enumerate(tasks[:-1])
+    }
+
+
+def block_statistics(gramian: Tensor, tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Norms, norm imbalance, cosines, magnitude similarity and conflict rate of one Gramian,
+    as plain Python values (pairs as upper triangles ``{a: {b: value}}``)."""
+    gramian = gramian.double()
+    return {
+        "grad_norms": dict(zip(tasks, stats.norms(gramian).tolist())),
+        "norm_imbalance": stats.norm_imbalance(gramian),
+        "cosine": _upper(stats.cosine_matrix(gramian), tasks),
+        "magnitude_similarity": _upper(stats.magnitude_similarity(gramian), tasks),
+        "conflict_rate": stats.conflict_rate(gramian),
+    }
 
 
 class GradStats(Plugin):
-    """Logs task-gradient norms, imbalance, cosines, magnitude similarity and conflict rate.
+    """Logs task-gradient norms and imbalance, cosines, magnitude similarity and conflict rate.
 
-    Statistics of the unweighted task gradients ∇Lᵢ: norms and their imbalance, pairwise
-    cosine, gradient magnitude similarity (Yu et al. 2020) and conflict rate, plus the effective
-    weights. The quantities of Elich et al. ("Challenging Common Assumptions
-    in Multi-task Learning") and Guo et al. 2025 ("Revisit the Imbalance Optimization in
-    Multi-task Learning").
+    The statistics of the two seed papers, of the unweighted task gradients gᵢ = ∇Lᵢ in the
+    pipeline's gradient space: norms ‖gᵢ‖ and their imbalance (max/min ratio, coefficient of
+    variation), pairwise cosine, gradient magnitude similarity 2‖gᵢ‖‖gⱼ‖/(‖gᵢ‖² + ‖gⱼ‖²)
+    (Yu et al. 2020), the conflict rate (share of pairs with ⟨gᵢ, gⱼ⟩ < 0), the effective
+    weights (the multiplier of each gᵢ in the written update) and the norms of the weighted
+    gradients. Elich et al., "Challenging Common Assumptions in Multi-task Learning" (2023):
+    magnitude differences, not angles, set MTL apart from single-task learning; Guo et al.,
+    "Revisit the Imbalance Optimization in Multi-task Learning" (2025): imbalance tracks the
+    task-gradient norms.
 
-    Needs per-task gradients, but only on recorded steps: other steps take the fast path when no
-    other plugin needs gradients. ``mtl.last_record`` is not kept; read ``records`` or the file.
+    Per-task gradients are taken only at recorded calls (every ``every`` calls): in between, a
+    step costs a plain backward unless another plugin needs gradients. ``per_layer`` and
+    ``groups`` add the same statistics per shared parameter or per group of parameters (from
+    the report's block Gramians). Records go to the console, JSONL, CSV and TensorBoard as
+    configured, to any tracker given to :meth:`attach` (``accelerate.Accelerator``), and
+    ``last_record`` keeps the latest.
+
+    Single-task baseline: call :meth:`split_batch` with per-sample losses before
+    ``mtl.backward``; the next record then holds the same statistics between the two halves of
+    each task's batch (``split.stl``) next to those between tasks on equal-sized halves
+    (``split.mtl``).
     """
 
     name = "gradstats"
@@ -49,63 +99,126 @@ class GradStats(Plugin):
     def __init__(self, config: GradStatsConfig, setup: Setup) -> None:
         super().__init__(config, setup)
         self.config: GradStatsConfig = config
+        self.backends: list[Backend] = backends_from(config, prefix=self.name)
         self.last_record: dict[str, Any] | None = None
-        self._file: IO[str] | None = None
+        self._next_index = 0
+        self._pending_split: dict[str, Any] | None = None
+        self._groups: dict[str, list[str]] | None = None
 
     def wants_gradients(self, index: int) -> bool:
         return index % self.config.every == 0
 
+    def attach(self, target: Tracker | Backend, *, prefix: str | None = None) -> None:
+        """Send records to ``target`` as well: a tracker with ``log(values, step=...)`` (an
+        ``accelerate.Accelerator`` reaches every tracker it was built with) or a backend of
+        :mod:`mtlhooks.backends`. Tracker keys are ``"<prefix>/<statistic>/<task>"``, prefix
+        ``"gradstats"`` by default."""
+        if callable(getattr(target, "write", None)) and callable(getattr(target, "close", None)):
+            backend: Any = target
+            self.backends.append(backend)
+        else:
+            tracker: Any = target
+            self.backends.append(TrackerBackend(tracker, prefix=prefix or self.name))
+
+    def split_batch(
+        self, per_sample_losses: Mapping[str, Tensor], inputs: Iterable[Tensor]
+    ) -> bool:
+        """Measure the single-task baseline for the next ``backward()`` call, if it is recorded.
+
+        Call it after the forward pass and *before* ``mtl.backward``, with each task's per-sample
+        losses (shape ``(n,)``, e.g. ``reduction="none"``) and what to take gradients of (the
+        shared parameters, usually). See :func:`mtlhooks.stats.split_batch_statistics`. Costs
+        2T vector-Jacobian products, only at recorded calls.
+
+        :returns: whether it measured (``False`` when the next call is not recorded).
+        """
+        unknown = sorted(set(per_sample_losses) - set(self.setup.tasks))
+        if unknown:
+            raise InputError(
+                f"split_batch: unknown task(s) {unknown}; tasks are {self.setup.tasks}"
+            )
+        if not self.wants_gradients(self._next_index):
+            return False
+        self._pending_split = stats.split_batch_statistics(per_sample_losses, list(inputs))
+        return True
+
+    def _resolve_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
+        names = list(names)
+        groups = {
+            group: [n for n in names if any(n.startswith(p) for p in prefixes)]
+            for group, prefixes in self.config.groups.items()
+        }
+        empty = [group for group, members in groups.items() if not members]
+        if empty:
+            raise InputError(
+                f"gradstats: groups {empty} match no block of the gradient space; the blocks "
+                f"are {names}"
+            )
+        return groups
+
     def record(self, report: StepReport) -> dict[str, Any]:
-        """The statistics of one report as plain Python values."""
+        """The statistics of one report as plain Python values (what the backends receive)."""
+        tasks = report.tasks
+
+        def by_task(values: Tensor | None) -> dict[str, float] | None:
+            return None if values is None else dict(zip(tasks, values.tolist()))
+
         record: dict[str, Any] = {
             "step": report.index,
             "space": report.space.value,
             "skipped": report.skipped,
-            "losses": dict(zip(report.tasks, report.losses.tolist())),
+            "losses": by_task(report.losses),
         }
+        if report.reason is not None:
+            record["reason"] = report.reason
+        if report.loss_weights is not None:
+            record["loss_weights"] = by_task(report.loss_weights)
         if report.weights is not None:
-            record["weights"] = dict(zip(report.tasks, report.weights.tolist()))
-        if report.gramian is not None:
-            gramian = report.gramian.double()
-            record["grad_norms"] = dict(zip(report.tasks, stats.norms(gramian).tolist()))
-            record["cosine"] = stats.cosine_matrix(gramian).tolist()
-            record["magnitude_similarity"] = stats.magnitude_similarity(gramian).tolist()
-            record["conflict_rate"] = stats.conflict_rate(gramian)
-            imbalance = stats.norm_imbalance(gramian)
-            record["norm_imbalance"] = {k: _finite(v) for k, v in imbalance.items()}
+            record["weights"] = by_task(report.weights)
+        gramian = report.gramian
+        if gramian is not None and bool(gramian.isfinite().all()):
+            record.update(block_statistics(gramian, tasks))
+            if report.weights is not None:
+                weights = report.weights.double().abs()
+                weighted = stats.norms(gramian.double()) * weights
+                record["weighted_grad_norms"] = by_task(weighted)
+                scaled = gramian.double() * weights[:, None] * weights[None, :]
+                record["weighted_norm_imbalance"] = stats.norm_imbalance(scaled)
+            blocks = report.block_gramians
+            if self.config.per_layer:
+                record["layers"] = {
+                    name: block_statistics(block, tasks) for name, block in blocks.items()
+                }
+            if self.config.groups:
+                if self._groups is None:
+                    self._groups = self._resolve_groups(blocks)
+                record["groups"] = {
+                    group: block_statistics(torch.stack([blocks[n] for n in members]).sum(0), tasks)
+                    for group, members in self._groups.items()
+                }
+        if self._pending_split is not None:
+            record["split"] = self._pending_split
+            self._pending_split = None
         return record
 
     @hookimpl
     def mtl_observe(self, report: StepReport) -> None:
+        self._next_index = report.index + 1
         if report.index % self.config.every:
+            self._pending_split = None
             return
         record = self.record(report)
         self.last_record = record
-        if self.config.console:
-            print(self._line(record), file=sys.stderr)
-        if self.config.jsonl is not None:
-            if self._file is None:
-                path = Path(self.config.jsonl)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = path.open("a", encoding="utf-8")
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-
-    @staticmethod
-    def _line(record: dict[str, Any]) -> str:
-        parts = [f"step {record['step']}"]
-        if record["skipped"]:
-            parts.append("skipped")
-        if "grad_norms" in record:
-            shown = " ".join(f"{t}={n:.3g}" for t, n in record["grad_norms"].items())
-            parts.append(f"|g| {shown}")
-            parts.append(f"conflicts {record['conflict_rate']:.2f}")
-            ratio = record["norm_imbalance"]["max_min_ratio"]
-            parts.append(f"max/min {ratio:.3g}" if ratio is not None else "max/min inf")
-        return "  ".join(parts)
+        for backend in self.backends:
+            backend.write(record)
 
     @hookimpl
     def mtl_close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for backend in self.backends:
+            backend.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": self._next_index}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._next_index = int(state["next_index"])
