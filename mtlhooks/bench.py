@@ -13,6 +13,7 @@ machine's noise hits all of them alike. References measured in the same run:
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import statistics
@@ -166,7 +167,12 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> tuple[dict[str
     steps: dict[str, Step] = {"plain": plain, "floor": floor, "libmtl": libmtl}
     for space, method, mode in CASES:
         config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
-        mtl = MTL(config, shared=encoder)
+        # One MTL per model in real use: the layerwise cases' forward hooks would otherwise
+        # record every other case's forward too.
+        mtl = MTL(config, shared=encoder) if mode != "layerwise" else None
+        if mtl is None:
+            steps[_key(space, method, mode)] = _own_model_step(model, x, targets, config)
+            continue
 
         def ours(mtl: MTL = mtl) -> None:
             zero()
@@ -176,6 +182,23 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> tuple[dict[str
         steps[_key(space, method, mode)] = ours
     steps.update(_torchjd_steps(model, x, targets, zero, shared))
     return steps, zero
+
+
+def _own_model_step(
+    model: nn.Module, x: Tensor, targets: list[Tensor], config: dict[str, Any]
+) -> Step:
+    twin = copy.deepcopy(model)
+    mtl = MTL(config, shared=twin.get_submodule("encoder"))
+    names = list(config["tasks"])
+    params = list(twin.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        z, losses = _losses(twin, x, targets)
+        mtl.backward(dict(zip(names, losses)), features=z)
+
+    return step
 
 
 def _grad(parameter: Tensor) -> Tensor:

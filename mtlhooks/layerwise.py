@@ -58,7 +58,8 @@ class LayerTaps:
     @staticmethod
     def _hook(layer: _Layer):  # type: ignore[no-untyped-def]
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if torch.is_grad_enabled() and output.requires_grad:
+            # Evaluation forwards (eval mode or no grad) are never part of a training step.
+            if module.training and torch.is_grad_enabled() and output.requires_grad:
                 layer.records.append((inputs[0], output))
 
         return record
@@ -116,6 +117,19 @@ def layer_gramians(layer: _Layer, inputs: Tensor, deltas: Tensor) -> list[tuple[
     return out
 
 
+def _graph_nodes(roots: Sequence[Tensor]) -> set[int]:
+    """``id`` of every autograd node reachable from ``roots``."""
+    seen: set[int] = set()
+    stack = [root.grad_fn for root in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
 def collect(
     taps: LayerTaps,
     losses: Sequence[Tensor],
@@ -128,7 +142,14 @@ def collect(
     graph. Returns (names, block Gramians, blocks of ``others``) where the Gramians list covers
     tapped layers first, then ``others`` (whose blocks are returned for the caller to reduce).
     """
-    taken = [(layer, records) for layer, records in taps.take() if records]
+    # Keep the calls of this step's forward: records of other forwards (a second model sharing
+    # the layers, a forward whose loss was never back-propagated) are not in these losses' graph.
+    reachable = _graph_nodes(losses)
+    taken = []
+    for layer, records in taps.take():
+        mine = [(x, out) for x, out in records if id(out.grad_fn) in reachable]
+        if mine:
+            taken.append((layer, mine))
     outputs = [output for _, records in taken for _, output in records]
     other_params = [p for _, p in others]
     count = len(losses)

@@ -83,3 +83,26 @@ def test_plugins_reading_the_matrix_get_a_clear_error_in_layerwise(problem):
     gradients = TaskGradients(mtl.space, ["w"], [], [torch.eye(3)], torch.eye(3))
     with pytest.raises(PluginError, match=r"Need\.JACOBIAN"):
         gradients.matrix()
+
+
+def test_records_of_other_forwards_are_ignored():
+    """A forward whose loss is never back-propagated (or one in eval mode) leaves no trace."""
+    torch.manual_seed(0)
+    model = Mixed().double()
+    x = torch.randn(4, 7, 5, dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    mtl = MTL(
+        {"tasks": ["a", "b", "c"], "plugins": ["mgda"], "params_gramian": "layerwise"},
+        shared=model.encoder,
+    )
+    model(torch.randn(4, 7, 5, dtype=torch.float64))  # a stray training forward
+    model.eval()
+    model(x)
+    model.train()
+    z, outs = model(x)
+    losses = {t: (o - i).pow(2).mean() * 10.0**i for i, (t, o) in enumerate(zip("abc", outs))}
+    ours = mtl.backward(losses)
+    reference = run(twin, "materialize", ["mgda"], x)
+    torch.testing.assert_close(ours.gramian, reference.gramian)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
