@@ -453,6 +453,9 @@ class MTL:
 
     def _nonfinite(self, step: Step, what: str, start: float) -> StepReport:
         self._engine.discard()
+        if step.sync:
+            # The optimizer step is skipped: the window's earlier micro-steps go with it.
+            self._pending = None
         if self.config.on_nonfinite == "raise":
             raise NonFiniteError(
                 f"{what} at step {step.index}; nothing was written. Set on_nonfinite: skip to "

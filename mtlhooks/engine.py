@@ -276,6 +276,17 @@ class GradientEngine:
             total = (torch.stack(list(losses)) * weights.to(losses[0].dtype)).sum()
         if scale is not None:
             total = total * scale.to(total.dtype)
+        if self.writes_directly and self.comm is not None:
+            # The forward ran under DDP's no_sync (needs_no_sync), so DDP does not average this
+            # backward: average its gradients here, as DDP would have.
+            shared = [p for _, p in self.shared]
+            leaves = shared + graph_leaves(total, {id(p) for p in shared})
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            found = [(leaf, g) for leaf, g in zip(leaves, grads) if g is not None]
+            averaged = _flat_all_reduce(self.comm, [g for _, g in found], "mean")
+            for (leaf, _), grad in zip(found, averaged):
+                accumulate(leaf, grad)
+            return
         total.backward()
 
     def write_weighted(

@@ -1,0 +1,276 @@
+"""Hugging Face Accelerate: per-task losses through mtlhooks in an Accelerate loop.
+
+The loop keeps its shape; ``accelerator.accumulate(model)`` becomes ``mtl.accumulate(model)``
+and ``accelerator.backward(loss)`` becomes ``mtl.backward(losses)``::
+
+    from accelerate import Accelerator
+    from mtlhooks.integrations.accelerate import AcceleratedMTL
+
+    accelerator = Accelerator(gradient_accumulation_steps=4, mixed_precision="fp16")
+    model = Net()
+    mtl = AcceleratedMTL(accelerator, "mtl.yaml", shared=model.encoder)
+    optimizer = torch.optim.AdamW([*model.parameters(), *mtl.parameters()])
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    for x, y in loader:
+        with mtl.accumulate(model):      # accelerator.accumulate(model) + no_sync if needed
+            z, outputs = model(x)
+            mtl.backward({t: loss_fn(outputs[t], y[t]) for t in tasks}, features=z)
+            optimizer.step()
+            optimizer.zero_grad()
+
+What :meth:`AcceleratedMTL.backward` does for you, as ``Accelerator.backward`` would:
+
+- divides every loss by ``accelerator.gradient_accumulation_steps``;
+- passes ``sync=accelerator.sync_gradients``: in space ``params`` (``sync: exact``) the per-task
+  gradients of the micro-steps are summed and aggregated once, at the step that syncs (the same
+  as one batch holding every micro-batch); in the other spaces every micro-step is aggregated on
+  its own and ``.grad`` accumulates (``docs/distributed.md``);
+- passes ``accelerator.scaler`` (fp16) as the loss scale: gradients are written scaled for the
+  scaler, Gramians are unscaled before any plugin reads them, and an overflow leaves the
+  infinite gradients for the scaler, which skips the step and lowers its scale;
+- :meth:`AcceleratedMTL.accumulate` / :meth:`AcceleratedMTL.no_sync` run the forward under
+  DDP's ``no_sync`` when the pipeline writes ``.grad`` itself from all-reduced per-task gradients
+  (``mtl.needs_no_sync``), on the step that syncs too (``accelerator.accumulate`` alone only
+  does it on the others).
+
+The pipeline's state (plugin states, step counter, seeded generator) is registered with
+``accelerator.register_for_checkpointing`` so ``save_state`` / ``load_state`` resume it;
+observers that can log to a tracker (``gradstats``) are attached to the accelerator, so their
+records reach every tracker given to ``Accelerator(log_with=...)``. ``mtl.accelerator`` is the
+accelerator for plugins and callbacks that want to call ``accelerator.log`` themselves.
+
+DeepSpeed runs the optimizer step inside its own backward and is refused; FSDP is refused for
+plugins that read per-task gradients (loss-level plugins work, through a plain backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import Tensor, nn
+
+from mtlhooks.config import MTLConfig
+from mtlhooks.core import MTL, ParameterSource
+from mtlhooks.errors import ConfigError, InputError
+from mtlhooks.integrations.ddp import check_static_graph
+from mtlhooks.plugin import Family, Need, Space
+from mtlhooks.report import StepReport
+
+__all__ = ["AcceleratedMTL", "backward", "check_supported"]
+
+
+def check_supported(accelerator: Accelerator, mtl: MTL) -> None:
+    """Raise :class:`mtlhooks.ConfigError` when ``mtl`` cannot run under ``accelerator``'s
+    distributed setup, and :class:`mtlhooks.InputError` when ``mtl`` would not talk to the
+    other processes."""
+    kind = accelerator.distributed_type
+    gradient_plugins = [
+        key for key, plugin in mtl.plugins.items() if plugin.needs is not Need.NOTHING
+    ]
+    if kind == DistributedType.DEEPSPEED:
+        if mtl.space is not Space.NONE:
+            raise ConfigError(
+                f"DeepSpeed is not supported with plugins that read per-task gradients "
+                f"({gradient_plugins}, space {mtl.space.value!r}): DeepSpeed reduces, "
+                "partitions and applies the gradients inside its own backward, so there is no "
+                "point where per-task gradients can be combined. Use DDP (accelerate launch "
+                "without a DeepSpeed config) or only loss-level plugins"
+            )
+        raise ConfigError(
+            "DeepSpeed is not supported yet, even with loss-level plugins only: the weighted "
+            "backward must go through the DeepSpeed engine (accelerator.backward), which "
+            "mtlhooks cannot route yet. Use DDP (accelerate launch without a DeepSpeed config)"
+        )
+    if kind == DistributedType.MEGATRON_LM:
+        raise ConfigError("Megatron-LM is not supported by mtlhooks")
+    if kind == DistributedType.FSDP and mtl.space is not Space.NONE:
+        raise ConfigError(
+            f"FSDP is not supported with plugins that read per-task gradients "
+            f"({gradient_plugins}, space {mtl.space.value!r}) yet: the parameters are sharded, "
+            "so their per-task gradients (or the per-shard Gramians to sum) are not available "
+            "to mtlhooks. Use DDP, or only loss-level plugins under FSDP"
+        )
+    processes = accelerator.num_processes
+    if processes > 1:
+        communicator = mtl.communicator
+        if communicator is None or communicator.world_size != processes:
+            found = "none" if communicator is None else f"{communicator.world_size} processes"
+            raise InputError(
+                f"the accelerator runs {processes} processes but this MTL's communicator is "
+                f"{found}: build the MTL after Accelerator() (AcceleratedMTL does it for you "
+                "when given a config), or the ranks aggregate different gradients and drift apart"
+            )
+
+
+def backward(
+    accelerator: Accelerator,
+    mtl: MTL,
+    losses: Mapping[str, Tensor],
+    *,
+    features: Tensor | None = None,
+) -> StepReport:
+    """``mtl.backward(losses)`` the way ``accelerator.backward(loss)`` would: losses divided by
+    ``gradient_accumulation_steps``, ``sync=accelerator.sync_gradients`` and
+    ``loss_scale=accelerator.scaler``. :class:`AcceleratedMTL` calls this."""
+    steps = accelerator.gradient_accumulation_steps
+    if steps > 1:
+        losses = {task: loss / steps for task, loss in losses.items()}
+    try:
+        return mtl.backward(
+            losses,
+            features=features,
+            sync=accelerator.sync_gradients,
+            loss_scale=accelerator.scaler,
+        )
+    except InputError as error:
+        if _is_converted_copy(accelerator, features):
+            raise InputError(
+                "features= is a float32 copy that Accelerate made of the model's fp16/bf16 "
+                "output after the forward (mixed precision converts every half-precision "
+                "output): the heads consumed the original, so no loss depends on this copy. "
+                "Return z in float32 from the model's forward instead, e.g. "
+                "`z = self.encoder(x).float()` before the heads; Accelerate then returns that "
+                "very tensor"
+            ) from error
+        raise
+
+
+def _is_converted_copy(accelerator: Accelerator, features: Tensor | None) -> bool:
+    node = None if features is None else features.grad_fn
+    return bool(accelerator.native_amp) and node is not None and node.name() == "ToCopyBackward0"
+
+
+class AcceleratedMTL:
+    """An :class:`mtlhooks.MTL` bound to an ``accelerate.Accelerator``.
+
+    :param accelerator: the accelerator of the run (build it first: it starts the processes'
+        group, which the pipeline needs to synchronise).
+    :param config: an :class:`MTLConfig`, a mapping, a path to a config file, or an
+        :class:`mtlhooks.MTL` built after the accelerator (then ``shared`` and ``last_shared``
+        must be left out).
+    :param shared: the shared trunk (the module of the unwrapped model, e.g. ``model.encoder``,
+        before or after ``accelerator.prepare``: preparing keeps the parameter objects).
+    :param last_shared: the last shared layer (space ``last_shared``).
+    :param checkpoint: register the pipeline with ``accelerator.register_for_checkpointing``.
+        Accelerate restores registered objects by position: register the same objects in the
+        same order when resuming.
+    :param log: attach the accelerator to every observer that can log to a tracker
+        (:meth:`mtlhooks.plugins.gradstats.GradStats.attach`).
+
+    Attributes: :attr:`accelerator`, :attr:`mtl` (the pipeline: ``mtl.mtl.last_report``,
+    ``mtl.mtl.describe()``, ...).
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        config: MTL | MTLConfig | Mapping[str, Any] | str | Path,
+        *,
+        shared: ParameterSource | None = None,
+        last_shared: ParameterSource | None = None,
+        checkpoint: bool = True,
+        log: bool = True,
+    ) -> None:
+        self.accelerator = accelerator
+        if isinstance(config, MTL):
+            if shared is not None or last_shared is not None:
+                raise InputError(
+                    "AcceleratedMTL got an MTL and shared=/last_shared=: give the parameters "
+                    "to the MTL, or give AcceleratedMTL a config"
+                )
+            self.mtl = config
+        else:
+            self.mtl = MTL(config, shared=shared, last_shared=last_shared)
+        check_supported(accelerator, self.mtl)
+        self.mtl.to(accelerator.device)
+        if checkpoint:
+            accelerator.register_for_checkpointing(self.mtl)
+        if log:
+            for plugin in self.mtl.plugins.values():
+                attach = getattr(plugin, "attach", None)
+                if plugin.family is Family.OBSERVER and callable(attach):
+                    attach(accelerator)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def backward(
+        self, losses: Mapping[str, Tensor], *, features: Tensor | None = None
+    ) -> StepReport:
+        """Replace ``accelerator.backward(loss)``: see :func:`backward`."""
+        return backward(self.accelerator, self.mtl, losses, features=features)
+
+    @contextmanager
+    def no_sync(self, *models: nn.Module) -> Iterator[None]:
+        """Context for the forward pass: ``accelerator.no_sync(model)`` for each model when the
+        pipeline writes ``.grad`` from all-reduced per-task gradients (``needs_no_sync``),
+        nothing otherwise. Use it inside ``accelerator.accumulate(model)``, or use
+        :meth:`accumulate`, which does both."""
+        check_static_graph(self.mtl, *models)
+        with ExitStack() as stack:
+            if self.mtl.needs_no_sync:
+                for model in models:
+                    stack.enter_context(self.accelerator.no_sync(model))
+            yield
+
+    @contextmanager
+    def accumulate(self, *models: nn.Module) -> Iterator[None]:
+        """Replace ``accelerator.accumulate(model)``: the same, plus :meth:`no_sync` (which
+        ``accelerator.accumulate`` leaves out on the micro-step that synchronises)."""
+        with self.accelerator.accumulate(*models), self.no_sync(*models):
+            yield
+
+    # -- delegated to the pipeline ------------------------------------------------------------
+
+    @property
+    def needs_no_sync(self) -> bool:
+        """See :attr:`mtlhooks.MTL.needs_no_sync`."""
+        return self.mtl.needs_no_sync
+
+    @property
+    def space(self) -> Space:
+        """The gradient space of the pipeline."""
+        return self.mtl.space
+
+    @property
+    def last_report(self) -> StepReport | None:
+        """The :class:`mtlhooks.StepReport` of the latest :meth:`backward`."""
+        return self.mtl.last_report
+
+    def after_step(self, losses: Mapping[str, Tensor]) -> None:
+        """See :meth:`mtlhooks.MTL.after_step` (losses as computed, not divided)."""
+        self.mtl.after_step(losses)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Learnable plugin parameters, already on ``accelerator.device``: add them to the
+        optimizer before ``accelerator.prepare``."""
+        return self.mtl.parameters()
+
+    def state_dict(self) -> dict[str, Any]:
+        """See :meth:`mtlhooks.MTL.state_dict` (``save_state`` calls it when registered)."""
+        return self.mtl.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """See :meth:`mtlhooks.MTL.load_state_dict`."""
+        self.mtl.load_state_dict(state)
+
+    def close(self) -> None:
+        """See :meth:`mtlhooks.MTL.close`."""
+        self.mtl.close()
+
+    def describe(self) -> str:
+        """See :meth:`mtlhooks.MTL.describe`."""
+        return self.mtl.describe()
+
+    def __repr__(self) -> str:
+        state = self.accelerator.state
+        return (
+            f"AcceleratedMTL(tasks={list(self.mtl.tasks)}, space={self.mtl.space.value!r}, "
+            f"distributed_type={state.distributed_type.value!r}, "
+            f"processes={state.num_processes}, mixed_precision={state.mixed_precision!r})"
+        )
