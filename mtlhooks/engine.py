@@ -323,9 +323,8 @@ class GradientEngine:
             )
         if self.space is Space.FEATURES:
             assert features is not None
+            # Already in the units of the (scaled) per-task gradients it was combined from.
             replacement = combined.reshape(features.shape).to(features.dtype)
-            if scale is not None:
-                replacement = replacement * scale.to(replacement.dtype)
             handle = features.register_hook(lambda _grad: replacement)
             try:
                 self.weighted_backward(losses, weights, scale)

@@ -110,7 +110,9 @@ def mtl_aggregate(step: Step) -> Tensor | None:
 @hookspec(firstresult=True)
 def mtl_combine(step: Step) -> Tensor | None:
     """Coordinate-wise gradient surgery (GradDrop-like): return the combined gradient in the
-    gradient space, flattened to shape ``(P,)`` (the column layout of ``step.gradients.matrix()``).
+    gradient space, flattened to shape ``(P,)`` (the column layout of ``step.gradients.matrix()``)
+    and in its units: under mixed precision the per-task gradients are those of the scaled
+    losses (``step.loss_scale``), and the combined gradient is written as returned.
     Fires instead of :func:`mtl_aggregate` for plugins whose result is not a weighting.
     Task-specific parameters then receive ``Σ weights[i] · ∇L_i``.
 

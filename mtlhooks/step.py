@@ -17,7 +17,8 @@ class TaskGradients:
     """Per-task gradients of the *unweighted* losses ``∇L_i`` in one gradient space.
 
     ``blocks`` are T×n matrices whose columns, concatenated, form the T×P matrix J (one block per
-    parameter, or one for the features), named by ``names``. ``block_gramians`` holds each
+    parameter, or one for the features), named by ``names``; under mixed precision they are the
+    gradients of the scaled losses, while every Gramian is unscaled. ``block_gramians`` holds each
     block's T×T Gramian and ``gramian`` their sum, J Jᵀ (in float32 at least).
     """
 

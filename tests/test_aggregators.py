@@ -1,0 +1,456 @@
+"""The gradient-surgery plugins end to end: what ``mtl.backward`` writes, against autograd.
+
+Every aggregator runs through the pipeline in each gradient space it supports; the ``.grad`` of
+every parameter (shared and task-specific) is compared with plain autograd on a copy of the
+model, using weights computed independently from per-task gradients taken by hand. Several
+methods are also checked against re-implementations on explicit gradient vectors (two-task
+closed forms, the defining equations), and the random and stateful ones for reproducibility.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from mtlhooks import MTL, Space, functional
+from mtlhooks.cli import main
+from mtlhooks.errors import ConfigError, SolverError
+
+SPACES = (Space.PARAMS, Space.LAST_SHARED, Space.FEATURES)
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def fresh_generator(seed: int = 0) -> torch.Generator:
+    """The pipeline's generator as it is before the first ``backward()``."""
+    return torch.Generator().manual_seed(seed)
+
+
+# Independent weights: the functional core applied to a Gramian built here from autograd.
+REFERENCE_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "cagrad": lambda g: functional.cagrad(g, c=0.4),
+    "imgrad": lambda g: functional.imgrad(g, alpha=0.8),
+    "imtl_g": lambda g: functional.imtl_g(g, eps=1e-8),
+    "aligned_mtl": functional.aligned_mtl,
+    "nash_mtl": functional.nash_mtl,
+    "fairgrad": lambda g: functional.fairgrad(g, alpha=1.0),
+    "config": functional.config,
+    "upgrad": functional.upgrad,
+    "dualproj": functional.dualproj,
+    "gradvac": lambda g: functional.gradvac(
+        g, torch.zeros_like(g), beta=0.5, generator=fresh_generator()
+    )[0],
+}
+ALL_AGGREGATORS = (*REFERENCE_WEIGHTS, "graddrop")
+
+
+def space_inputs(model, z: torch.Tensor, space: Space) -> list[torch.Tensor]:
+    if space is Space.PARAMS:
+        return list(model.encoder.parameters())
+    if space is Space.LAST_SHARED:
+        return list(model.encoder[2].parameters())  # the encoder's last layer with parameters
+    return [z]
+
+
+def jacobian(problem, space: Space, losses_fn: LossFn | None = None) -> torch.Tensor:
+    """T×P per-task gradients in ``space``, by autograd on a copy of the model."""
+    clone = copy.deepcopy(problem.model)
+    z, losses = (losses_fn or problem.losses)(clone)
+    inputs = space_inputs(clone, z, space)
+    rows = []
+    for task in problem.tasks:
+        grads = torch.autograd.grad(losses[task], inputs, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def reference_grads(
+    problem, coefficients: torch.Tensor, losses_fn: LossFn | None = None
+) -> dict[str, torch.Tensor]:
+    """``.grad`` of every parameter for ``Σ cᵢ Lᵢ``, by autograd on a copy of the model."""
+    clone = copy.deepcopy(problem.model)
+    _, losses = (losses_fn or problem.losses)(clone)
+    total = torch.stack([c * losses[t] for c, t in zip(coefficients, problem.tasks)]).sum()
+    total.backward()
+    return {n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-7) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=1e-10, msg=name)
+
+
+def build(problem, plugin: str | dict, space: Space | None = None, seed: int = 0) -> MTL:
+    config = {"tasks": problem.tasks, "seed": seed, "plugins": [plugin]}
+    if space is not None:
+        config["space"] = space.value
+    return MTL(config, shared=problem.model.encoder)
+
+
+# -- every aggregator, every space ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
+@pytest.mark.parametrize("name", list(REFERENCE_WEIGHTS))
+def test_written_gradients_match_autograd_with_independent_weights(problem, name, space):
+    """Shared and task-specific parameters receive Σ αᵢ∇Lᵢ, α from the hand-built Gramian."""
+    jac = jacobian(problem, space)
+    alphas = REFERENCE_WEIGHTS[name](jac @ jac.T)
+    mtl = build(problem, name, space)
+    z, losses = problem.losses()
+    report = mtl.backward(losses, features=z)
+    assert report.space is space
+    torch.testing.assert_close(report.weights, alphas, rtol=1e-7, atol=1e-12)
+    assert_grads_close(problem.grads(), reference_grads(problem, alphas))
+
+
+@pytest.mark.parametrize("name", ALL_AGGREGATORS)
+def test_declared_spaces_and_auto_choice(problem, name):
+    mtl = build(problem, name)
+    expected = Space.FEATURES if name == "graddrop" else Space.PARAMS
+    assert mtl.space is expected
+
+
+def test_cli_lists_every_aggregator(capsys):
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    for name in ALL_AGGREGATORS:
+        assert rows[name]["family"] == "aggregator", name
+    assert rows["graddrop"]["spaces"] == ["features"]
+    defaults = {
+        (name, field["name"]): field["default"] for name in rows for field in rows[name]["fields"]
+    }
+    assert defaults[("cagrad", "c")] == 0.4
+    assert defaults[("imgrad", "alpha")] == 0.8
+    assert defaults[("gradvac", "beta")] == 0.5
+    assert defaults[("graddrop", "leak")] == 0.0
+
+
+# -- re-implementations on explicit gradient vectors ----------------------------------------
+
+
+def cagrad_two_tasks(jac: torch.Tensor, c: float) -> torch.Tensor:
+    """CAGrad for two tasks on the vectors: w = (x, 1 − x) minimises the convex
+    ``F(x) = g_wᵀg₀ + c‖g₀‖‖g_w‖``; F' is increasing, so bisect it to machine precision."""
+    g1, g2 = jac
+    g0 = (g1 + g2) / 2
+    radius = c * g0.norm()
+    direction = g1 - g2
+
+    def slope(x: float) -> float:
+        gw = x * g1 + (1 - x) * g2
+        return float(direction @ g0 + radius * (direction @ gw) / gw.norm())
+
+    if slope(0.0) >= 0:
+        x = 0.0
+    elif slope(1.0) <= 0:
+        x = 1.0
+    else:
+        low, high = 0.0, 1.0
+        for _ in range(100):
+            mid = (low + high) / 2
+            low, high = (mid, high) if slope(mid) < 0 else (low, mid)
+        x = (low + high) / 2
+    w = torch.tensor([x, 1 - x], dtype=jac.dtype)
+    gw = w @ jac
+    return (0.5 + radius / gw.norm() * w) / (1 + c**2)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.4, 2.0])
+@pytest.mark.parametrize("space", [Space.PARAMS, Space.FEATURES], ids=lambda s: s.value)
+def test_cagrad_two_tasks_closed_form(make_problem, space, c):
+    problem = make_problem(tasks=("a", "b"))
+    alphas = cagrad_two_tasks(jacobian(problem, space), c)
+    if c == 0:
+        torch.testing.assert_close(alphas, torch.full((2,), 0.5, dtype=torch.float64))
+    mtl = build(problem, {"name": "cagrad", "c": c}, space)
+    z, losses = problem.losses()
+    report = mtl.backward(losses, features=z)
+    torch.testing.assert_close(report.weights, alphas, rtol=1e-7, atol=0)
+    assert_grads_close(problem.grads(), reference_grads(problem, alphas))
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
+def test_imtl_g_two_tasks_closed_form(make_problem, space):
+    """The paper's α₂ = g₁Uᵀ(DUᵀ)⁻¹ with D = g₁ − g₂, U = u₁ − u₂, and α₁ = 1 − α₂."""
+    problem = make_problem(tasks=("a", "b"))
+    jac = jacobian(problem, space)
+    g1, g2 = jac
+    u = g1 / g1.norm() - g2 / g2.norm()
+    second = (g1 @ u) / ((g1 - g2) @ u)
+    alphas = torch.stack([1 - second, second])
+    mtl = build(problem, "imtl_g", space)
+    z, losses = problem.losses()
+    report = mtl.backward(losses, features=z)
+    torch.testing.assert_close(report.weights, alphas, rtol=1e-6, atol=0)
+    update = report.weights @ jac
+    torch.testing.assert_close(update @ g1 / g1.norm(), update @ g2 / g2.norm(), rtol=1e-6, atol=0)
+    assert_grads_close(problem.grads(), reference_grads(problem, report.weights), rtol=1e-6)
+
+
+def aligned_losses(problem, model=None):
+    """Losses whose shared gradients never conflict: b and c are mostly a multiple of a."""
+    z, raw = problem.losses(model)
+    a = raw["a"]
+    return z, {"a": a, "b": 0.5 * a + 1e-3 * raw["b"], "c": 2.0 * a + 1e-3 * raw["c"]}
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
+def test_dual_cone_methods_on_non_conflicting_gradients_give_the_preferences(problem, name, space):
+    """No conflict: UPGrad and DualProj reduce to the mean (default) or the preference sum."""
+    jac = jacobian(problem, space, lambda m: aligned_losses(problem, m))
+    assert bool(((jac @ jac.T) >= 0).all())
+    preferences = {"a": 1.0, "b": 2.0, "c": 0.5}
+    for options, expected in [
+        ({}, torch.full((3,), 1 / 3, dtype=torch.float64)),
+        ({"pref": preferences}, torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+    ]:
+        problem.zero_grad()
+        mtl = build(problem, {"name": name, **options}, space)
+        z, losses = aligned_losses(problem)
+        report = mtl.backward(losses, features=z)
+        torch.testing.assert_close(report.weights, expected, rtol=1e-9, atol=1e-12)
+        assert_grads_close(
+            problem.grads(),
+            reference_grads(problem, expected, lambda m: aligned_losses(problem, m)),
+        )
+
+
+def test_upgrad_update_conflicts_with_no_task(problem):
+    jac = jacobian(problem, Space.PARAMS)
+    assert bool(((jac @ jac.T) < 0).any())  # the problem does have conflicts
+    mtl = build(problem, "upgrad", Space.PARAMS)
+    report = mtl.backward(problem.losses()[1])
+    update = report.weights @ jac
+    assert bool((jac @ update >= -1e-9 * jac.norm(dim=1) * update.norm()).all())
+
+
+def test_upgrad_preferences_must_name_every_task(problem):
+    with pytest.raises(ConfigError, match=r"upgrad.*missing: \['c'\]"):
+        build(problem, {"name": "upgrad", "pref": {"a": 1.0, "b": 1.0}})
+    with pytest.raises(ConfigError, match=r"dualproj.*>= 0"):
+        build(problem, {"name": "dualproj", "pref": {"a": -1.0, "b": 1.0, "c": 1.0}})
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
+def test_nash_mtl_solves_the_bargaining_equations(problem, space):
+    """αᵢ(Gα)ᵢ = 1 on the hand-built Gramian, hence an update of norm √T."""
+    jac = jacobian(problem, space)
+    mtl = build(problem, "nash_mtl", space)
+    z, losses = problem.losses()
+    alphas = mtl.backward(losses, features=z).weights
+    assert bool((alphas > 0).all())
+    products = alphas * (jac @ (jac.T @ alphas))
+    torch.testing.assert_close(products, torch.ones(3, dtype=torch.float64), rtol=1e-7, atol=0)
+    torch.testing.assert_close((alphas @ jac).norm().item(), 3**0.5, rtol=1e-7, atol=0)
+
+
+def test_fairgrad_alpha_one_is_nash_mtl(make_problem):
+    written = []
+    for plugin in ["nash_mtl", {"name": "fairgrad", "alpha": 1.0}]:
+        problem = make_problem()
+        build(problem, plugin).backward(problem.losses()[1])
+        written.append(problem.grads())
+    assert_grads_close(written[0], written[1], rtol=1e-9)
+
+
+def test_fairgrad_solves_its_fairness_equations(problem):
+    """(Gw)ᵢ = wᵢ^(−1/α) for α = 2, on the hand-built Gramian."""
+    jac = jacobian(problem, Space.FEATURES)
+    mtl = build(problem, {"name": "fairgrad", "alpha": 2.0}, Space.FEATURES)
+    z, losses = problem.losses()
+    weights = mtl.backward(losses, features=z).weights
+    torch.testing.assert_close(jac @ (jac.T @ weights), weights**-0.5, rtol=1e-6, atol=0)
+    assert_grads_close(problem.grads(), reference_grads(problem, weights))
+
+
+def test_nash_mtl_failure_is_reported_and_nothing_is_written(problem):
+    """A task without gradient has no bargaining solution: an error, never substitute weights."""
+    mtl = build(problem, "nash_mtl")
+    _, losses = problem.losses()
+    losses["b"] = losses["b"] * 0.0
+    with pytest.raises(SolverError, match="nash_mtl"):
+        mtl.backward(losses)
+    assert all(p.grad is None for p in problem.model.parameters())
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
+def test_config_update_has_equal_cosines_and_the_projected_length(problem, space):
+    jac = jacobian(problem, space)
+    mtl = build(problem, "config", space)
+    z, losses = problem.losses()
+    update = mtl.backward(losses, features=z).weights @ jac
+    unit = update / update.norm()
+    cosines = (jac @ unit) / jac.norm(dim=1)
+    torch.testing.assert_close(cosines, cosines.mean().expand(3), rtol=1e-7, atol=0)
+    assert cosines.min() > 0
+    torch.testing.assert_close(update.norm(), (jac @ unit).sum(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
+def test_aligned_mtl_from_the_singular_value_decomposition(problem, space):
+    """With J = U S Wᵀ the update Jᵀ(√λ_min VΛ^{-½}Vᵀ1) is σ_min·W Uᵀ1: every principal
+    direction of the gradients contributes with the same norm."""
+    jac = jacobian(problem, space)
+    left, singular, right_t = torch.linalg.svd(jac, full_matrices=False)
+    expected = singular.min() * (right_t.T @ (left.T @ torch.ones(3, dtype=torch.float64)))
+    mtl = build(problem, "aligned_mtl", space)
+    z, losses = problem.losses()
+    update = mtl.backward(losses, features=z).weights @ jac
+    torch.testing.assert_close(update, expected, rtol=1e-6, atol=1e-9 * expected.norm().item())
+
+
+# -- GradDrop ----------------------------------------------------------------------------------
+
+
+def graddrop_by_hand(grads: torch.Tensor, draw: torch.Tensor, leak: float) -> torch.Tensor:
+    """Chen et al. 2020, Alg. 1, coordinate by coordinate for clarity."""
+    combined = torch.zeros(grads.shape[1], dtype=grads.dtype)
+    for k in range(grads.shape[1]):
+        column = grads[:, k]
+        purity = 0.5 * (1 + column.sum() / column.abs().sum())
+        for value in column:
+            kept = (purity > draw[k] and value > 0) or (purity < draw[k] and value < 0)
+            combined[k] += value * (1.0 if kept else leak)
+    return combined
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_graddrop_matches_masked_combination_by_hand(problem, leak):
+    """Features space: the trunk receives the masked combination of the weighted feature
+    gradients (mask from the pipeline's first draw), the heads receive Σ wᵢ∇Lᵢ."""
+    weights = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
+    mtl = MTL(
+        {
+            "tasks": problem.tasks,
+            "plugins": [
+                {"name": "static", "weights": {"a": 3.0, "c": 0.5}},
+                {"name": "graddrop", "leak": leak},
+            ],
+        },
+        shared=problem.model.encoder,
+    )
+    assert mtl.space is Space.FEATURES
+    clone = copy.deepcopy(problem.model)
+    z_ref, losses_ref = problem.losses(clone)
+    grads = torch.stack(
+        [torch.autograd.grad(losses_ref[t], z_ref, retain_graph=True)[0] for t in problem.tasks]
+    ).reshape(3, -1)
+    draw = torch.rand(grads.shape[1], generator=fresh_generator(), dtype=torch.float64)
+    combined = graddrop_by_hand(grads * weights[:, None], draw, leak)
+    dropped = (combined - (grads * weights[:, None]).sum(0)).abs() > 1e-12
+    assert bool(dropped.any())  # the draw really dropped something
+    trunk = list(clone.encoder.parameters())
+    expected_trunk = torch.autograd.grad(
+        z_ref, trunk, grad_outputs=combined.reshape(z_ref.shape), retain_graph=True
+    )
+    heads = list(clone.heads.parameters())
+    total = torch.stack([w * losses_ref[t] for w, t in zip(weights, problem.tasks)]).sum()
+    expected_heads = torch.autograd.grad(total, heads)
+
+    z, losses = problem.losses()
+    mtl.backward(losses, features=z)
+    for p, expected in zip(problem.model.encoder.parameters(), expected_trunk):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-12)
+    for p, expected in zip(problem.model.heads.parameters(), expected_heads):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_graddrop_under_loss_scale_writes_scaled_gradients(make_problem):
+    """Per-task gradients are of the scaled losses; the result is the unscaled one × scale."""
+    written = []
+    for scale in [None, 1024.0]:
+        problem = make_problem()
+        mtl = build(problem, "graddrop")
+        z, losses = problem.losses()
+        mtl.backward(losses, features=z, loss_scale=scale)
+        written.append(problem.grads())
+    for name, grad in written[0].items():
+        torch.testing.assert_close(written[1][name], grad * 1024.0, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("space", ["params", "last_shared"])
+def test_graddrop_outside_features_space_is_a_config_error(problem, space):
+    with pytest.raises(ConfigError, match=rf"'graddrop' cannot work in space '{space}'"):
+        build(problem, "graddrop", Space(space))
+
+
+# -- reproducibility: seeds, state ----------------------------------------------------------
+
+
+def run_steps(make_problem, plugin, seed: int, steps: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Gradients written at each of ``steps`` SGD steps of a fresh run."""
+    problem = make_problem()
+    mtl = build(problem, plugin, seed=seed)
+    optimizer = torch.optim.SGD(problem.model.parameters(), lr=0.01)
+    written = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        z, losses = problem.losses()
+        mtl.backward(losses, features=z)
+        written.append(problem.grads())
+        optimizer.step()
+    return written
+
+
+def same(a: list[dict], b: list[dict]) -> bool:
+    return all(torch.equal(x[n], y[n]) for x, y in zip(a, b) for n in x)
+
+
+@pytest.mark.parametrize("name", ["gradvac", "graddrop"])
+def test_random_methods_same_seed_same_gradients(make_problem, name):
+    assert same(run_steps(make_problem, name, seed=3), run_steps(make_problem, name, seed=3))
+
+
+def test_graddrop_different_seed_different_gradients(make_problem):
+    assert not same(run_steps(make_problem, "graddrop", 3), run_steps(make_problem, "graddrop", 4))
+
+
+def test_gradvac_resume_is_bit_for_bit(make_problem):
+    steps, split = 4, 2
+    through = run_steps(make_problem, "gradvac", seed=5, steps=steps)
+
+    problem = make_problem()
+    mtl = build(problem, "gradvac", seed=5)
+    optimizer = torch.optim.SGD(problem.model.parameters(), lr=0.01)
+    for _ in range(split):
+        optimizer.zero_grad(set_to_none=True)
+        mtl.backward(problem.losses()[1])
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save({"mtl": mtl.state_dict(), "model": problem.model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert saved["mtl"]["plugins"]["gradvac"]["targets"].abs().sum() > 0
+
+    def resumed(load_targets: bool) -> list[dict[str, torch.Tensor]]:
+        fresh = make_problem()
+        fresh.model.load_state_dict(saved["model"])
+        mtl2 = build(fresh, "gradvac", seed=5)
+        state = copy.deepcopy(saved["mtl"])
+        if not load_targets:
+            state["plugins"]["gradvac"] = mtl2.plugins["gradvac"].state_dict()
+        mtl2.load_state_dict(state)
+        opt2 = torch.optim.SGD(fresh.model.parameters(), lr=0.01)
+        written = []
+        for _ in range(steps - split):
+            opt2.zero_grad(set_to_none=True)
+            mtl2.backward(fresh.losses()[1])
+            written.append(fresh.grads())
+            opt2.step()
+        return written
+
+    assert same(resumed(load_targets=True), through[split:])
+    assert not same(resumed(load_targets=False), through[split:])  # the targets matter
+
+
+def test_gradvac_refuses_foreign_state(problem):
+    plugin = build(problem, "gradvac").plugins["gradvac"]
+    with pytest.raises(ValueError, match="shape"):
+        plugin.load_state_dict({"targets": torch.zeros(2, 2)})
