@@ -9,7 +9,8 @@ by orders of magnitude) trained by a shared MLP, with AvgNorm + PCGrad by defaul
         --mixed-precision fp16                                          # two GPUs
 
 Options: ``--plugins mgda --space features``, ``--accumulation 4``, ``--config mtl.yaml``,
-``--resume`` (load ``OUTPUT_DIR/checkpoint``, then train ``--steps`` more steps); ``--help`` lists them all. The script
+``--resume`` (load ``OUTPUT_DIR/checkpoint``, then train ``--steps`` more steps); ``--help``
+lists them all. The script
 prints the per-task test errors (relative to each task's scale) and checks that every process
 holds the same weights.
 """

@@ -99,7 +99,7 @@ def test_records_of_other_forwards_are_ignored():
     model.eval()
     model(x)
     model.train()
-    z, outs = model(x)
+    _, outs = model(x)
     losses = {t: (o - i).pow(2).mean() * 10.0**i for i, (t, o) in enumerate(zip("abc", outs))}
     ours = mtl.backward(losses)
     reference = run(twin, "materialize", ["mgda"], x)

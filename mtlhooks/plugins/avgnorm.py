@@ -33,14 +33,14 @@ class AvgNormConfig(PluginConfig):
 class AvgNorm(Plugin):
     """AvgNorm: scale each task so its shared gradient has the common norm S (seed paper 2).
 
-    wᵢ ← wᵢ · S / ‖gᵢ‖, recomputed every step. Guo et al., "Revisit the Imbalance Optimization in Multi-task Learning", 2025: the imbalance
-    between tasks tracks their gradient norms, and scaling each loss by its gradient norm matches
-    an expensive grid search of loss weights. gᵢ is taken on the last shared layer by default
-    (space ``last_shared``). S is the mean norm (1/T)·Σⱼ‖gⱼ‖ (``target: mean_norm``, default) or
-    ‖Σⱼ gⱼ‖ (``sum_norm``). With ``ema`` > 0 the norms (and S) are smoothed over steps. Weights
-    are detached. A task with a (numerically) zero gradient keeps its weight: there is nothing
-    to scale. The direction of the update does not depend on the scale of any single loss; its
-    norm is S.
+    wᵢ ← wᵢ · S / ‖gᵢ‖, recomputed every step. Guo et al., "Revisit the Imbalance Optimization
+    in Multi-task Learning", 2025: the imbalance between tasks tracks their gradient norms, and
+    scaling each loss by its gradient norm matches an expensive grid search of loss weights.
+    gᵢ is taken on the last shared layer by default (space ``last_shared``). S is the mean norm
+    (1/T)·Σⱼ‖gⱼ‖ (``target: mean_norm``, default) or ‖Σⱼ gⱼ‖ (``sum_norm``). With ``ema`` > 0
+    the norms (and S) are smoothed over steps. Weights are detached. A task with a
+    (numerically) zero gradient keeps its weight: there is nothing to scale. The direction of
+    the update does not depend on the scale of any single loss; its norm is S.
     """
 
     name = "avgnorm"

@@ -24,7 +24,8 @@ class MGDA(Plugin):
     """MGDA: the minimum-norm convex combination of the task gradients, solved exactly.
 
     Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018:
-    α = argmin_{α∈Δ} ‖Σ αᵢ gᵢ‖², solved on the Gramian. The update d = Σ αᵢ gᵢ satisfies ⟨d, gᵢ⟩ ≥ ‖d‖² for every task (equality where αᵢ > 0).
+    α = argmin_{α∈Δ} ‖Σ αᵢ gᵢ‖², solved on the Gramian. The update d = Σ αᵢ gᵢ satisfies
+    ⟨d, gᵢ⟩ ≥ ‖d‖² for every task (equality where αᵢ > 0).
     With a normalisation, the problem is solved for gᵢ/sᵢ and the weights mapped back (αᵢ/sᵢ);
     a zero scale counts as 1. In space ``features`` this is MGDA-UB.
     """
