@@ -154,6 +154,7 @@ class MTL:
         self._gradient_plugins = [
             plugin for plugin in self.plugins.values() if plugin.needs is not Need.NOTHING
         ]
+        space_module = shared if self.space is Space.PARAMS else last_shared
         self._engine = GradientEngine(
             self.space,
             shared=self._shared,
@@ -165,7 +166,7 @@ class MTL:
                 if any(p.needs is Need.JACOBIAN for p in self._gradient_plugins)
                 else self.config.params_gramian
             ),
-            shared_module=shared if isinstance(shared, nn.Module) else None,
+            module=space_module if isinstance(space_module, nn.Module) else None,
         )
         self._manager = registry.new_plugin_manager()
         self._manager.register(_Core(self), name="mtlhooks.core")

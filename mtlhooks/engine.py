@@ -116,7 +116,7 @@ class GradientEngine:
         communicator: Communicator | None,
         exact_params: bool,
         layerwise_mode: str = "materialize",
-        shared_module: nn.Module | None = None,
+        module: nn.Module | None = None,
     ) -> None:
         self.space = space
         self.named = list(shared if space is Space.PARAMS else last_shared)
@@ -128,11 +128,14 @@ class GradientEngine:
         self._leaves: dict[int, Tensor] = {}
         self.layerwise_mode = layerwise_mode
         self.taps: layerwise.LayerTaps | None = None
-        if space is Space.PARAMS and layerwise_mode != "materialize" and shared_module is not None:
-            names = {id(p): name for name, p in self.shared}
-            self.taps = layerwise.LayerTaps(shared_module, names)
+        # The module holding the space's parameters (space params: shared; last_shared: the last
+        # shared layer): its nn.Linear layers can give their Gramians without J.
+        if space in (Space.PARAMS, Space.LAST_SHARED) and layerwise_mode != "materialize":
+            names = {id(p): name for name, p in self.named}
+            self.taps = layerwise.LayerTaps(module, names) if module is not None else None
+        if self.taps is not None:
             covered = self.taps.covered()
-            self._untapped = [(name, p) for name, p in self.shared if id(p) not in covered]
+            self._untapped = [(name, p) for name, p in self.named if id(p) not in covered]
             if not self.taps.layers:
                 self.taps.remove()
                 self.taps = None
@@ -147,10 +150,10 @@ class GradientEngine:
         if self.layerwise_mode == "layerwise":
             return True
         # auto: the cheaper in memory, and exact across processes only when materialised.
-        if self.comm is not None and self.exact_params:
+        if self.comm is not None and (self.exact_params or self.space is Space.LAST_SHARED):
             return False
         held = self.taps.pending_rows() + sum(p.numel() for _, p in self._untapped)
-        return held < sum(p.numel() for _, p in self.shared)
+        return held < sum(p.numel() for _, p in self.named)
 
     @property
     def writes_directly(self) -> bool:

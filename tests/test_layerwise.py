@@ -106,3 +106,27 @@ def test_records_of_other_forwards_are_ignored():
     torch.testing.assert_close(ours.gramian, reference.gramian)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("plugins", [["avgnorm"], ["avgnorm", "upgrad"]])
+def test_last_shared_layerwise_equals_materialized(make_problem, plugins):
+    """Space last_shared with a linear last layer takes its Gramian from the layer's input and
+    output gradients: same weights and gradients as materialising its per-task gradients."""
+    reports, grads = [], []
+    for mode in ("layerwise", "materialize"):
+        problem = make_problem()
+        config = {
+            "tasks": problem.tasks,
+            "plugins": plugins,
+            "space": "last_shared",
+            "params_gramian": mode,
+        }
+        mtl = MTL(config, shared=problem.model.encoder)
+        assert (mtl._engine.taps is not None) is (mode == "layerwise")
+        _, losses = problem.losses()
+        reports.append(mtl.backward(losses))
+        grads.append(problem.grads())
+    torch.testing.assert_close(reports[0].gramian, reports[1].gramian)
+    torch.testing.assert_close(reports[0].weights, reports[1].weights)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
