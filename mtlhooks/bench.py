@@ -167,19 +167,9 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> tuple[dict[str
     steps: dict[str, Step] = {"plain": plain, "floor": floor, "libmtl": libmtl}
     for space, method, mode in CASES:
         config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
-        # One MTL per model in real use: the layerwise cases' forward hooks would otherwise
-        # record every other case's forward too.
-        mtl = MTL(config, shared=encoder) if mode != "layerwise" else None
-        if mtl is None:
-            steps[_key(space, method, mode)] = _own_model_step(model, x, targets, config)
-            continue
-
-        def ours(mtl: MTL = mtl) -> None:
-            zero()
-            z, losses = _losses(model, x, targets)
-            mtl.backward(dict(zip(names, losses)), features=z)
-
-        steps[_key(space, method, mode)] = ours
+        # One MTL per model, as in real use: an MTL's forward hooks (layerwise Gramian) would
+        # otherwise record the other cases' forwards too.
+        steps[_key(space, method, mode)] = _own_model_step(model, x, targets, config)
     steps.update(_torchjd_steps(model, x, targets, zero, shared))
     return steps, zero
 
