@@ -18,6 +18,7 @@ A non-finite Gramian yields non-finite weights (so a GradScaler skips the step),
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -32,8 +33,8 @@ from mtlhooks.solvers import (
     gramian_scales,
     min_norm_weights,
     normalize_gramian,
+    penalized_simplex_weights,
     psd_pinv_solve,
-    simplex_qp,
     working_dtype,
 )
 
@@ -73,7 +74,8 @@ def _nan_weights(gramian: Tensor) -> Tensor:
 
 
 def _is_finite(gramian: Tensor) -> bool:
-    return bool(torch.isfinite(gramian).all())
+    # x·0 is NaN exactly for non-finite x; three cheap kernels instead of isfinite's six
+    return bool((gramian * 0 == 0).all())
 
 
 # --------------------------------------------------------------------------- trivial weightings
@@ -124,31 +126,42 @@ def pcgrad_from_orders(
     permutation of ``range(T)`` per row is a valid input. See :func:`pcgrad`.
     """
     _check_gramian(gramian)
+    if reduction not in ("sum", "mean"):
+        raise InputError(f"pcgrad: reduction must be 'sum' or 'mean', got {reduction!r}")
     dtype = working_dtype(gramian.dtype)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[0]
-    tasks = torch.arange(num_tasks, device=matrix.device)
+    device = matrix.device
+    tasks = torch.arange(num_tasks, device=device)
     diag = matrix.diagonal()
     scales = diag.clamp_min(0).sqrt()
     rounding = 4 * num_tasks * torch.finfo(dtype).eps
-    # row i holds the coefficients of the projected gradient g̃ᵢ = Σₖ Cᵢₖ gₖ
-    coefficients = torch.eye(num_tasks, dtype=dtype, device=matrix.device)
-    for step in range(orders.shape[1]):
-        partner = orders[:, step]
-        # ⟨g̃ᵢ, g_{partner(i)}⟩ for every i at once
-        dots = (coefficients * matrix[:, partner].T).sum(1)
-        norms = diag[partner]
-        # an inner product within its own rounding error is no conflict: projecting on noise
-        # would make the result depend on the last bits of G (e.g. of a common scale)
-        noise = rounding * scales[partner] * (coefficients.abs() @ scales)
-        conflict = (dots < -noise) & (partner != tasks) & (norms > 0)
-        step_size = torch.where(conflict, dots / torch.where(norms > 0, norms, 1.0), 0.0)
-        coefficients[tasks, partner] -= step_size
+    # everything a round needs, gathered once: round k pairs task i with partner rounds[k, i]
+    rounds = orders.T.to(device)
+    partner_rows = matrix[rounds].unbind(0)  # rows[k][i] = G[rounds[k, i]]
+    partner_sq = diag[rounds]
+    valid = (rounds != tasks) & (partner_sq > 0)
+    neg_inverse = torch.where(valid, -1 / torch.where(valid, partner_sq, 1.0), 0.0).unbind(0)
+    # an inner product within its own rounding error is no conflict: projecting on noise
+    # would make the result depend on the last bits of G (e.g. of a common scale)
+    neg_noise = (-rounding * scales[rounds]).unbind(0)
+    partner_scales = scales[rounds].unbind(0)
+    flat_index = (tasks * num_tasks + rounds).unbind(0)
+    # row i holds the coefficients of the projected gradient g̃ᵢ = Σₖ Cᵢₖ gₖ; they are ≥ 0
+    # off the diagonal (a projection adds a positive multiple), so Σₖ|Cᵢₖ|sₖ = (C s)ᵢ
+    coefficients = torch.eye(num_tasks, dtype=dtype, device=device)
+    flat = coefficients.view(-1)
+    magnitude = scales.clone()
+    zero = torch.zeros((), dtype=dtype, device=device)
+    for step in range(rounds.shape[0]):
+        dots = (coefficients * partner_rows[step]).sum(1)  # ⟨g̃ᵢ, g_partner⟩
+        conflict = dots < neg_noise[step] * magnitude
+        amount = torch.where(conflict, dots * neg_inverse[step], zero)
+        flat.index_add_(0, flat_index[step], amount)
+        magnitude.addcmul_(amount, partner_scales[step])
     weights = coefficients.sum(0)
     if reduction == "mean":
         weights = weights / num_tasks
-    elif reduction != "sum":
-        raise InputError(f"pcgrad: reduction must be 'sum' or 'mean', got {reduction!r}")
     return weights.to(gramian.dtype)
 
 
@@ -221,12 +234,9 @@ def dualproj(gramian: Tensor, *, pref: Tensor | None = None) -> Tensor:
 def _worst_case_weights(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
     """``argmin_{w ∈ Δ} wᵀb + r‖Σ wᵢ gᵢ‖`` (the inner problem of CAGrad and IMGrad).
 
-    For ``t > 0`` let ``w(t) = argmin_{w∈Δ} wᵀGw + t·wᵀb`` (a QP). The optimum is ``w(t*)`` where
-    ``‖g_{w(t)}‖ = r t / 2`` (majorising ``r√q`` by ``r(q/n + n)/2`` at ``n = ‖g_w‖``): the left
-    side is nondecreasing in t and the right side increasing, so the root is unique. It is
-    bracketed in ``[0, 2 max‖gᵢ‖/r]`` and found by batched grid refinement; between two grid
-    points with the same support ``w(t)`` is affine, so the last step solves the scalar equation
-    exactly.
+    Solved exactly by :func:`mtlhooks.solvers.penalized_simplex_weights` (closed form per face,
+    KKT to ~1e-10 relative in float64). With ``r = 0`` the problem is linear: the answer is
+    the uniform distribution over the minimisers of ``b`` (ties within rounding).
     """
     num_tasks = gramian.shape[0]
     if radius <= 0:
@@ -234,47 +244,12 @@ def _worst_case_weights(gramian: Tensor, linear: Tensor, radius: float) -> Tenso
             linear.abs().max()
         )
         return ties.to(linear.dtype) / ties.sum()
-    low, high = 0.0, 2.0 * float(gramian_scales(gramian).max()) / radius * 1.001
-    points = 16
-    weights_low = weights_high = None
-    for _ in range(8):
-        ts = torch.linspace(low, high, points, dtype=linear.dtype, device=linear.device)
-        weights = simplex_qp(gramian, ts.unsqueeze(1) * linear)
-        norms = ((weights @ gramian) * weights).sum(1).clamp_min(0).sqrt()
-        residual = norms - radius * ts / 2
-        index = int((residual >= 0).nonzero().max()) if bool((residual >= 0).any()) else 0
-        index = min(index, points - 2)
-        low, high = float(ts[index]), float(ts[index + 1])
-        weights_low, weights_high = weights[index], weights[index + 1]
-        if torch.equal(weights_low > 0, weights_high > 0):
-            break
-    assert weights_low is not None and weights_high is not None
-    # w(τ) = w_low + τ δ on [low, high]; solve q(τ) = (r (low + τ Δ) / 2)² for τ ∈ [0, 1]
-    delta = weights_high - weights_low
-    span = high - low
-    a_q = float(weights_low @ gramian @ weights_low)
-    b_q = float(weights_low @ gramian @ delta)
-    c_q = float(delta @ gramian @ delta)
-    quad = c_q - (radius * span) ** 2 / 4
-    lin = 2 * (b_q - radius**2 * low * span / 4)
-    const = a_q - (radius * low) ** 2 / 4
-    tau = _root_in_unit_interval(quad, lin, const)
-    return weights_low + tau * delta
+    return penalized_simplex_weights(gramian, linear, radius)
 
 
-def _root_in_unit_interval(quad: float, lin: float, const: float) -> float:
-    """A root in [0, 1] of ``quad τ² + lin τ + const`` with ``const ≥ 0 ≥`` value at 1."""
-    if const <= 0:
-        return 0.0
-    if abs(quad) <= 1e-300:
-        return min(1.0, max(0.0, -const / lin)) if lin != 0 else 0.0
-    disc = max(lin * lin - 4 * quad * const, 0.0)
-    root = disc**0.5
-    # numerically stable pair of roots
-    q = -(lin + (root if lin >= 0 else -root)) / 2
-    candidates = [q / quad] + ([const / q] if q != 0 else [])
-    inside = [c for c in candidates if -1e-9 <= c <= 1 + 1e-9]
-    return min(1.0, max(0.0, min(inside))) if inside else 1.0
+def _cancellation_level(gramian: Tensor) -> float:
+    """Relative size below which ``‖Σ wᵢgᵢ‖`` computed from G is rounding: ``8T√eps``."""
+    return 8 * gramian.shape[0] * float(torch.finfo(gramian.dtype).eps) ** 0.5
 
 
 def _conflict_averse_weights(
@@ -283,9 +258,10 @@ def _conflict_averse_weights(
     """``(1/T + (c‖g₀‖/‖g_w‖) w) / (1 + c²)``; the second term is dropped when ``g_w = 0``."""
     num_tasks = gramian.shape[0]
     norm_w = float((weights @ gramian @ weights).clamp_min(0).sqrt())
-    scale = float(gramian_scales(gramian).max())
+    # ‖g_w‖ below the rounding error of Σ wᵢgᵢ counts as zero
+    scale = float((gramian_scales(gramian) * weights.abs()).sum())
     base = torch.full_like(weights, 1.0 / num_tasks)
-    if norm_w <= 1e-12 * scale or norm_mean == 0:
+    if norm_w <= _cancellation_level(gramian) * scale or norm_mean == 0:
         return base / (1 + coefficient**2)
     return (base + coefficient * norm_mean / norm_w * weights) / (1 + coefficient**2)
 
@@ -335,7 +311,9 @@ def imgrad(gramian: Tensor, *, alpha: float = 0.8) -> Tensor:
     descent = min_norm_weights(matrix)
     norm_descent = float((descent @ matrix @ descent).clamp_min(0).sqrt())
     cosine = 0.0
-    if norm_descent > 0:
+    # a min-norm point within rounding of 0 (Pareto-stationary gradients) has no direction
+    level = _cancellation_level(matrix) * float((gramian_scales(matrix) * descent).sum())
+    if norm_descent > level:
         cosine = min(1.0, max(0.0, float(uniform @ matrix @ descent) / (norm_mean * norm_descent)))
     radius = cosine * alpha * norm_mean / (1.5 - cosine)
     worst = _worst_case_weights(matrix, matrix @ uniform, radius)
@@ -436,15 +414,28 @@ def config(gramian: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- Nash-MTL, FairGrad
 
 
+def _eye_like(matrix: Tensor) -> Tensor:
+    return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+
+
 def _fair_weights(
     gramian: Tensor, power: float, max_iter: int, tol: float | None, name: str
 ) -> Tensor:
-    """Solve ``(Gw)ᵢ = wᵢ^{-1/power}``, ``w > 0``, by Newton's method with backtracking.
+    """Solve ``(Gw)ᵢ = wᵢ^{-1/power}``, ``w > 0``, by a damped Newton method in log space.
 
-    The equations are the stationarity conditions of the strictly convex
-    ``½wᵀGw − Σ φ(wᵢ)`` with ``φ' (w) = w^{-1/power}``. Solved in scaled coordinates
-    ``β = S w``, where they read ``(Ĝβ)ᵢ = κᵢ βᵢ^{-1/power}`` with ``κᵢ = sᵢ^{1/power − 1}``
-    (``κ = 1`` for Nash-MTL): the iteration only sees the cosines.
+    The equations are the stationarity conditions of the strictly convex potential
+    ``Φ(w) = ½wᵀGw − Σ φ(wᵢ)`` with ``φ'(w) = w^{-1/power}``. In scaled coordinates
+    ``β = S w`` they read ``(Ĝβ)ᵢ = κᵢ βᵢ^{-p}`` with ``p = 1/power`` and
+    ``κᵢ = sᵢ^{p − 1}`` (``κ = 1`` for Nash-MTL), so the iteration only sees the cosines.
+
+    Iterates stay positive by construction, ``βᵢ = e^{uᵢ}``: the step is Newton's step on Φ
+    expressed in u (``(DHD)Δu = D∇Φ`` with ``D = diag(β)``, which also equilibrates the
+    system), moved along ``β·e^{−tΔu}``, a descent curve for Φ; t is found by Armijo
+    backtracking on Φ, and a step that lowers the largest relative residual is accepted as well
+    (near the solution Φ's decrease drowns in rounding). The start is the solution for
+    orthogonal gradients, ``βᵢ = κᵢ^{1/(1+p)}``, rescaled to the best multiple along that ray.
+    Converged when every relative residual ``|(Ĝβ)ᵢβᵢᵖ/κᵢ − 1|`` is at most ``tol`` or
+    within the rounding error of ``(Ĝβ)ᵢ``.
     """
     _check_gramian(gramian)
     if not _is_finite(gramian):
@@ -459,68 +450,88 @@ def _fair_weights(
         )
     if tol is None:
         tol = 1e-9 if dtype == torch.float64 else 1e-4
+    num = matrix.shape[0]
+    eps = float(torch.finfo(dtype).eps)
     cosine = normalize_gramian(matrix, scales)
-    exponent = -1.0 / power
-    kappa = scales ** (1.0 / power - 1.0)
-    kappa = kappa / kappa.max()  # common factor, undone below
-    # start on the ray β = c·1 at the minimiser of the objective along it
-    curvature = float(cosine.sum().clamp_min(1e-12))
-    start = (float(kappa.sum()) / curvature) ** (power / (power + 1))
-    beta = torch.full_like(scales, start)
+    abs_cosine = cosine.abs()
+    p = 1.0 / power
+    log_kappa = (p - 1.0) * scales.log()
+    shift = float(log_kappa.max())
+    kappa = (log_kappa - shift).exp()  # κ / max κ: a common factor, undone below
 
-    def objective(point: Tensor) -> Tensor:
-        potential = torch.log(point) if power == 1.0 else point ** (1 + exponent) / (1 + exponent)
-        return 0.5 * point @ cosine @ point - (kappa * potential).sum()
+    def potential(beta: Tensor, log_beta: Tensor) -> float:
+        if p == 1.0:
+            barrier = (kappa * log_beta).sum()
+        else:
+            barrier = (kappa * beta ** (1 - p)).sum() / (1 - p)
+        return float(0.5 * beta @ cosine @ beta - barrier)
 
-    value = objective(beta)
+    log_beta = (kappa.log() / (1 + p)).clone()
+    beta = log_beta.exp()
+    curvature = float(beta @ cosine @ beta)
+    if curvature > 0:
+        push = float((kappa * beta ** (1 - p)).sum())
+        log_beta = log_beta + math.log(push / curvature) / (1 + p)
+        beta = log_beta.exp()
+    value = potential(beta, log_beta)
+    converged = False
     for _ in range(max_iter):
         product = cosine @ beta
-        residual = beta * product / (kappa * beta ** (1 + exponent)) - 1
-        if bool(residual.abs().max() <= tol):
+        target = kappa * beta ** (-p)
+        gradient = product - target
+        residual = gradient / target
+        worst = float(residual.abs().max())
+        # at the rounding floor of (Ĝβ)ᵢ no further progress is possible; a residual that is
+        # still large there means that no solution exists (weights growing without bound)
+        rounding = 8 * num * eps * (abs_cosine @ beta)
+        floor = worst <= tol**0.5 and bool((gradient.abs() <= rounding).all())
+        if worst <= tol or floor:
+            converged = True
             break
-        gradient = product - kappa * beta**exponent
-        hessian = cosine + torch.diag(kappa * (-exponent) * beta ** (exponent - 1))
-        step, info = torch.linalg.solve_ex(hessian, gradient)
+        # Newton on the convex potential Φ, written in u: (DHD)Δu = D∇Φ
+        system = beta.unsqueeze(1) * cosine * beta + torch.diag(p * target * beta)
+        step, info = torch.linalg.solve_ex(system, beta * gradient)
         if bool(info != 0) or not bool(torch.isfinite(step).all()):
-            # the Hessian is ≥ Ĝ + diag(κ/β²) ≻ 0; it only turns singular as β → ∞
-            raise SolverError(
-                f"{name}: Newton's method diverged (iterates grow without bound); the "
-                "gradients are probably Pareto-stationary, where no solution exists"
-            )
-        size = 1.0
-        # largest step keeping β > 0, then Armijo backtracking on the convex objective
-        shrink = step > 0
-        if bool(shrink.any()):
-            size = min(1.0, 0.99 * float((beta[shrink] / step[shrink]).min()))
-        decrease = float(gradient @ step)
-        for _ in range(60):
-            candidate = beta - size * step
-            new_value = objective(candidate)
-            if bool(new_value <= value - 1e-4 * size * decrease) or decrease <= 0:
-                break
-            size /= 2
-        beta, value = candidate, new_value
-        if not bool(torch.isfinite(beta).all()):
             break
-    else:
+        slope = float((beta * gradient) @ step)  # −dΦ/dt at t = 0
+        size = min(1.0, 10.0 / max(float(step.abs().max()), 1e-300))
+        noise = 64 * eps * (abs(value) + float(beta @ abs_cosine @ beta))
+        for _ in range(60):
+            candidate_log = log_beta - size * step
+            candidate = candidate_log.exp()
+            new_value = potential(candidate, candidate_log)
+            if new_value <= value - 1e-4 * size * slope:
+                break
+            if new_value <= value + noise:
+                # Φ's decrease is below its rounding: judge by the residual instead
+                new_target = kappa * candidate ** (-p)
+                new_worst = float(((cosine @ candidate - new_target) / new_target).abs().max())
+                if new_worst < worst:
+                    break
+            size /= 2
+        log_beta, beta, value = candidate_log, candidate, new_value
+        if not math.isfinite(value) or float(log_beta.abs().max()) > 200:
+            break
+    if not converged:
         raise SolverError(
             f"{name}: Newton's method did not reach |wᵢ(Gw)ᵢ·wᵢ^(1/α) − 1| ≤ {tol} in {max_iter} "
-            "iterations; the gradients are probably Pareto-stationary (some nonnegative "
-            "combination of them vanishes), where no solution exists"
+            "iterations (iterates grow without bound); the gradients are probably "
+            "Pareto-stationary (some nonnegative combination of them vanishes), where no "
+            "solution exists"
         )
-    if not bool(torch.isfinite(beta).all()):
-        raise SolverError(f"{name}: Newton's method diverged (non-finite iterate)")
-    # undo the normalisation of κ: (Ĝβ) = κ β^e scales as β → m β with m^{1-e} = max κ factor
-    factor = float((scales ** (1.0 / power - 1.0)).max() ** (1.0 / (1.0 - exponent)))
-    return (beta * factor / scales).to(gramian.dtype)
+    # undo the normalisation of κ: β solves (Ĝβ) = (κ/m) β^{-p}, so m^{1/(1+p)}β solves the
+    # original equations, with log m = shift
+    weights = (log_beta + shift / (1 + p)).exp() / scales
+    return weights.to(gramian.dtype)
 
 
 def nash_mtl(gramian: Tensor, *, max_iter: int = 100, tol: float | None = None) -> Tensor:
     """Nash-MTL: the Nash bargaining solution, ``α > 0`` with ``(Gα)ᵢ = 1/αᵢ``.
 
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, Thm. 5.1. Instead of the
-    reference's cvxpy CCP loop, Newton's method on the strictly convex ``½αᵀGα − Σ log αᵢ``
-    (torch-native, in scaled coordinates). Not scale-invariant: ``G → cG`` gives ``α → α/√c``,
+    reference's cvxpy CCP loop, a damped Newton method on the strictly convex
+    ``½αᵀGα − Σ log αᵢ`` in log space (torch-native, in scaled coordinates; see
+    :func:`_fair_weights`). Not scale-invariant: ``G → cG`` gives ``α → α/√c``,
     so unscale AMP-scaled gradients first. The reference's update-norm clipping is not part of
     the weighting.
 
@@ -538,7 +549,9 @@ def fairgrad(
     """FairGrad: α-fair weights, ``w > 0`` with ``(Gw)ᵢ = wᵢ^{-1/α}``.
 
     Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, Eq. (8). Solved by
-    Newton's method on a strictly convex potential (the reference uses scipy's least_squares).
+    a damped Newton method in log space on a strictly convex potential (the reference uses
+    scipy's least_squares); reliable to ~1e-9 for gradient norms within ~1e4 of each other; with
+    α ≠ 1 and norms spread much wider it may raise :class:`SolverError` (never a fallback).
     ``alpha = 1`` is Nash-MTL. ``G → cG`` gives ``w → c^{-α/(1+α)} w``.
 
     :raises SolverError: as :func:`nash_mtl` (no solution, or no convergence).
@@ -575,31 +588,49 @@ def gradvac(
         raise InputError(f"gradvac: targets must have shape {tuple(gramian.shape)}")
     dtype = working_dtype(gramian.dtype)
     matrix = gramian.to(dtype)
-    ema = targets.to(dtype).clone()
-    scales = gramian_scales(matrix)
+    device = matrix.device
+    ema = targets.to(dtype)
+    diag = matrix.diagonal().clamp_min(0)
+    scales = diag.sqrt()
     eps = torch.finfo(dtype).eps
-    tasks = torch.arange(num_tasks, device=matrix.device)
-    orders = torch.rand(num_tasks, num_tasks, generator=generator, device=matrix.device).argsort(1)
-    coefficients = torch.eye(num_tasks, dtype=dtype, device=matrix.device)
+    tasks = torch.arange(num_tasks, device=device)
+    orders = torch.rand(num_tasks, num_tasks, generator=generator, device=device).argsort(1)
+    rounds = orders.T  # round k pairs task i with partner rounds[k, i]
+    # everything a round needs, gathered once
+    partner_rows = matrix[rounds].unbind(0)
+    partner_scales = scales[rounds]
+    valid = (rounds != tasks) & (partner_scales > 0)
+    target = ema[tasks, rounds].clamp(-1.0, 1.0 - eps**0.5)  # (rounds, tasks)
+    # with θ = acos φ and θ̂ = acos φ̂ the step (φ̂√(1−φ²) − φ√(1−φ̂²))/√(1−φ̂²) is
+    # sin(θ − θ̂)/sin θ̂; an invalid pair gets the target −2, which no cosine is below
+    target_angle = target.acos().unbind(0)
+    ratio = torch.where(valid, 1 / (partner_scales * target.acos().sin()), 0.0).unbind(0)
+    threshold = torch.where(valid, target, -2.0).unbind(0)
+    inverse_scales = torch.where(valid, 1 / torch.where(valid, partner_scales, 1.0), 0.0)
+    inverse_scales_list = inverse_scales.unbind(0)
+    partner_sq = diag[rounds].unbind(0)
+    flat_index = (tasks * num_tasks + rounds).unbind(0)
+    coefficients = torch.eye(num_tasks, dtype=dtype, device=device)
+    flat = coefficients.view(-1)
+    own_sq = diag.clone()  # ‖g̃ᵢ‖², updated as g̃ᵢ moves
+    zero = torch.zeros((), dtype=dtype, device=device)
+    cosines = []
     for step in range(num_tasks):
-        partner = orders[:, step]
-        valid = partner != tasks
-        dots = (coefficients * matrix[:, partner].T).sum(1)
-        own_norm = ((coefficients @ matrix) * coefficients).sum(1).clamp_min(0).sqrt()
-        other_norm = scales[partner]
-        denominator = own_norm * other_norm
-        positive = denominator > 0
-        cos = torch.where(positive, dots / torch.where(positive, denominator, 1.0), 0.0)
-        cos = cos.clamp(-1.0, 1.0)
-        target = ema[tasks, partner].clamp(-1.0, 1.0 - eps**0.5)
-        act = valid & positive & (cos < target)
-        sin_target = (1 - target**2).sqrt()
-        amount = (target * (1 - cos**2).sqrt() - cos * sin_target) / sin_target
-        amount = torch.where(act, own_norm * amount / torch.where(positive, other_norm, 1.0), 0.0)
-        coefficients[tasks, partner] += amount
-        updated = (1 - beta) * ema[tasks, partner] + beta * cos
-        ema[tasks, partner] = torch.where(valid, updated, ema[tasks, partner])
-    return coefficients.sum(0).to(gramian.dtype), ema.to(targets.dtype)
+        dots = (coefficients * partner_rows[step]).sum(1)
+        own = own_sq.clamp_min(0).sqrt()
+        # zero gradients give φ = 0: their inner products are exactly 0
+        cos = (dots * inverse_scales_list[step] / own.clamp_min(1e-300)).clamp(-1.0, 1.0)
+        cosines.append(cos)
+        amount = (cos.acos() - target_angle[step]).sin() * ratio[step] * own
+        amount = torch.where(cos < threshold[step], amount, zero)
+        flat.index_add_(0, flat_index[step], amount)
+        own_sq = own_sq + amount * (2 * dots + amount * partner_sq[step])
+    # every pair is visited once: the EMA reads the targets before this call, then updates
+    phi = torch.stack(cosines)
+    updated = torch.where(valid, (1 - beta) * ema[tasks, rounds] + beta * phi, ema[tasks, rounds])
+    new_ema = ema.clone()
+    new_ema[tasks, rounds] = updated
+    return coefficients.sum(0).to(gramian.dtype), new_ema.to(targets.dtype)
 
 
 # --------------------------------------------------------------------------- GradDrop
@@ -736,6 +767,29 @@ METHODS: dict[str, MethodSpec] = {
         scale_exponent=-0.5,
         may_raise="when no solution exists (zero gradient, Pareto-stationary gradients)",
     ),
+    "cagrad": MethodSpec(
+        cagrad,
+        "Liu et al. 2021",
+        frozenset({_P.SCALE_INVARIANT, _P.PERMUTATION_EQUIVARIANT, _P.NONNEGATIVE}),
+        notes="c = 0.4; non-conflicting only for small c; c = 0 is the mean",
+    ),
+    "imgrad": MethodSpec(
+        imgrad,
+        "Zhou et al. 2025",
+        frozenset({_P.SCALE_INVARIANT, _P.PERMUTATION_EQUIVARIANT, _P.NONNEGATIVE}),
+        notes="α = 0.8; conflict aversion set by cos(g₀, g_MGDA)",
+    ),
+    "fairgrad": MethodSpec(
+        fairgrad,
+        "Ban & Ji 2024",
+        frozenset({_P.NON_CONFLICTING, _P.PERMUTATION_EQUIVARIANT, _P.NONNEGATIVE}),
+        scale_exponent=-0.5,
+        may_raise=(
+            "when no solution exists (zero gradient, Pareto-stationary gradients) or when "
+            "Newton's method does not converge (norms spread over more than ~1e4 with α ≠ 1)"
+        ),
+        notes="α = 1 (Nash-MTL's equations); weights(cG) = c^(−α/(1+α))·weights(G) in general",
+    ),
     "config": MethodSpec(
         config,
         "Liu et al. 2024",
@@ -761,10 +815,9 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-# Implemented but not declared yet, because their property tests do not pass (see the docstrings):
-# cagrad and imgrad (the inner solver of _worst_case_weights can fail to terminate and is slow),
-# fairgrad with alpha != 1 (Newton does not always reach its tolerance).
-UNDECLARED = ("cagrad", "imgrad", "fairgrad")
+# Every Gramian method is declared. Known limitation (see fairgrad): with α ≠ 1 and gradient
+# norms spread over many orders of magnitude, Newton's method may stop with a SolverError.
+UNDECLARED: tuple[str, ...] = ()
 
 
 def property_table_markdown() -> str:

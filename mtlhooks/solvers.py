@@ -2,27 +2,38 @@
 
 Every aggregator in :mod:`mtlhooks.functional` reduces to a handful of small problems on the
 T×T Gramian ``G = J Jᵀ`` of the task gradients: a projection onto the simplex, a quadratic
-program on the simplex (MGDA, CAGrad, IMGrad), a projection onto the dual cone of the
-gradients (UPGrad, DualProj), a regularised or pseudo-inverse solve (IMTL-G, ConFIG,
-Aligned-MTL). They live here, written once, as vectorised torch code that runs on the device and
-in the dtype of ``G``.
+program on the simplex (MGDA), a norm-penalised linear program on the simplex (CAGrad, IMGrad),
+a projection onto the dual cone of the gradients (UPGrad, DualProj), a regularised or
+pseudo-inverse solve (IMTL-G, ConFIG, Aligned-MTL). They live here, written once, as vectorised
+torch code that runs on the device and in the dtype of ``G``.
 
 Conventions used throughout:
 
-* ``scales`` are the gradient norms ``sᵢ = √Gᵢᵢ``. The quadratic programs are solved in the
-  *diagonally scaled* coordinates ``Ĝ = S⁻¹ G S⁻¹`` (the cosine matrix, unit diagonal), so that
-  gradients whose norms differ by 24 orders of magnitude stay well conditioned: the conditioning
-  of the scaled problem only depends on the angles between the gradients.
+* ``scales`` are the gradient norms ``sᵢ = √Gᵢᵢ``. The programs are solved in the *diagonally
+  scaled* coordinates ``β = S w`` with ``Ĝ = S⁻¹ G S⁻¹`` (the cosine matrix, unit diagonal), so
+  that gradients whose norms differ by 24 orders of magnitude stay well conditioned: the
+  conditioning of the scaled problem only depends on the angles between the gradients.
 * A zero gradient (``Gᵢᵢ = 0``) gets ``sᵢ = 1`` and an all-zero row in ``Ĝ``.
-* Strict convexity, hence a unique and permutation-equivariant answer even for duplicated or
-  collinear gradients, comes from a tiny ridge ``ε·I`` added to ``Ĝ`` (``ε ≈ 1.6e-10`` in
-  float64, ``≈ 5e-5`` in float32; see :func:`default_ridge`). In the original coordinates this
-  is ``ε·diag(G)``: every constraint is met to a relative accuracy of about ``ε``.
+* The active set (which weights are zero, which bounds hold with equality) is found on the
+  strictly convex problem with a tiny ridge ``Ĝ + ε·I`` (``ε ≈ 1.6e-10`` in float64,
+  ``≈ 5e-5`` in float32; :func:`default_ridge`), which makes the answer unique, hence
+  permutation-equivariant, even for duplicated or collinear gradients. The final point is then
+  *polished*: the equality-constrained problem on that active set is solved again without the
+  ridge and the result is kept when it satisfies the KKT conditions of the original problem (it
+  does whenever that face is not singular). So the QP solutions are exact up to rounding; where
+  the exact optimum is not unique, the ridge's choice (the limit of the ridge solutions) is kept.
+* Small problems (few tasks) are solved by enumerating every face of the feasible set in one
+  batched solve and keeping the best feasible candidate: no iteration and no host
+  synchronisation at all. Larger ones use block principal pivoting with one batched linear
+  solve per pivot and one host synchronisation (the convergence test) per pivot.
 * float16 / bfloat16 inputs are solved in float32 and cast back (the LAPACK kernels have no
   half-precision path).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,18 +47,21 @@ __all__ = [
     "gramian_scales",
     "min_norm_weights",
     "normalize_gramian",
+    "penalized_simplex_weights",
     "project_onto_simplex",
     "psd_pinv_solve",
     "regularized_solve",
     "simplex_qp",
+    "working_dtype",
 ]
 
 # Backup budget of the block principal pivoting method (Júdice & Pires 1994): how many
 # non-improving full exchanges are tried before falling back to single (Murty) exchanges.
 _BPP_BACKUP = 3
-# Proximal-point steps that remove the ridge's O(ε) bias once the active set is known: usually
-# two suffice, near-singular problems with badly spread scales contract more slowly.
-_MAX_REFINEMENTS = 40
+# Largest number of face systems (batch × faces) solved at once by enumeration.
+_ENUMERATION_LIMIT = 128
+# Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
+_GATHER_MIN_TASKS = 16
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,8 +78,8 @@ def default_ridge(dtype: torch.dtype) -> float:
 
     Large enough to make every principal submatrix of ``Ĝ + εI`` safely positive definite after
     rounding (``Ĝ`` computed from a float Jacobian can be indefinite at the level
-    ``T·eps``), small enough that the KKT conditions of the original problem hold to ~1e-10
-    relative in float64.
+    ``T·eps``), small enough that the active set it selects is that of the original problem
+    up to ties at the level ``ε``.
     """
     return float(torch.finfo(working_dtype(dtype)).eps) ** 0.625
 
@@ -90,16 +104,6 @@ def cosine_from_gramian(gramian: Tensor) -> Tensor:
     return normalize_gramian(gramian, gramian_scales(gramian)).clamp(-1.0, 1.0)
 
 
-def _scaled_problem(gramian: Tensor, ridge: float | None) -> tuple[Tensor, Tensor, float]:
-    """``(Ĝ + εI, safe_scales, ε)`` for a (T, T) Gramian."""
-    scales = gramian_scales(gramian)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    cosine = gramian / safe.unsqueeze(-1) / safe.unsqueeze(-2)
-    eps = default_ridge(gramian.dtype) if ridge is None else ridge
-    eye = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
-    return cosine + eps * eye, safe, eps
-
-
 def project_onto_simplex(points: Tensor) -> Tensor:
     """Euclidean projection of each row of ``points`` (``(..., T)``) onto the probability simplex.
 
@@ -117,17 +121,185 @@ def project_onto_simplex(points: Tensor) -> Tensor:
     return (points - theta).clamp_min(0)
 
 
-def _solve_on_free(matrix: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
+# --------------------------------------------------------------------------- shared machinery
+
+_EYES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+_FACES: dict[tuple[int, bool, torch.device], Tensor] = {}
+
+
+def _eye(num: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached identity matrix (never written to)."""
+    key = (num, dtype, device)
+    eye = _EYES.get(key)
+    if eye is None:
+        eye = _EYES[key] = torch.eye(num, dtype=dtype, device=device)
+    return eye
+
+
+def _faces(num: int, include_empty: bool, device: torch.device) -> Tensor:
+    """Every subset of ``range(num)`` as a (2^num or 2^num − 1, num) bool matrix (cached)."""
+    key = (num, include_empty, device)
+    faces = _FACES.get(key)
+    if faces is None:
+        codes = torch.arange(0 if include_empty else 1, 2**num, device=device)
+        bits = torch.arange(num, device=device)
+        faces = _FACES[key] = ((codes.unsqueeze(-1) >> bits) & 1) == 1
+    return faces
+
+
+class _Scaled(NamedTuple):
+    cosine: Tensor  # Ĝ, (T, T)
+    regularized: Tensor  # Ĝ + εI
+    scales: Tensor  # safe scales (zero → 1)
+    tol: float  # relative feasibility tolerance
+    ridge: float  # ε
+
+
+def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
+    scales = gramian_scales(gramian)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    cosine = gramian / safe.unsqueeze(-1) / safe.unsqueeze(-2)
+    eps = default_ridge(gramian.dtype) if ridge is None else ridge
+    eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
+    tol = 64 * gramian.shape[-1] * float(torch.finfo(gramian.dtype).eps)
+    return _Scaled(cosine, cosine + eps * eye, safe, tol, eps)
+
+
+def _solve_on_free(matrix: Tensor, free: Tensor, rhs: Tensor, definite: bool = False) -> Tensor:
     """Solve ``M_FF x_F = rhs_F`` for each batch member, with ``x = 0`` outside the free set F.
 
-    ``matrix`` is (T, T), ``free`` is (B, T) bool, ``rhs`` is (B, T, K). Rows and columns outside
-    F are replaced by the identity so that all B systems are solved in one batched call, with no
-    data-dependent indexing.
+    ``matrix`` is (T, T), ``free`` is (B, T) bool, ``rhs`` is (B, T, K). Small problems replace
+    the rows and columns outside F by the identity, so that all B systems are solved in one
+    batched call of size T; large batches gather each free set first (free indices first, then
+    padding by the identity), which shrinks the systems to the largest free set. ``definite``:
+    M is known to be positive definite (Cholesky; LU if that fails after rounding).
     """
+    batch, num = free.shape
+    if batch > 1 and num >= _GATHER_MIN_TASKS:
+        count = free.sum(-1)
+        size = int(count.max())
+        if size == 0:
+            return torch.zeros_like(rhs)
+        if size < num:
+            order = torch.argsort((~free).to(torch.int8), dim=-1, stable=True)[:, :size]
+            valid = torch.arange(size, device=free.device) < count.unsqueeze(-1)
+            both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+            rows = matrix.index_select(0, order.reshape(-1)).view(batch, size, num)
+            block = rows.gather(2, order.unsqueeze(1).expand(batch, size, size))
+            system = torch.where(both, block, _eye(size, *_dd(matrix)))
+            index = order.unsqueeze(-1).expand(batch, size, rhs.shape[-1])
+            sub_rhs = rhs.gather(1, index) * valid.unsqueeze(-1)
+            solution = _batched_solve(system, sub_rhs, definite) * valid.unsqueeze(-1)
+            return torch.zeros_like(rhs).scatter(1, index, solution)
     both = free.unsqueeze(-1) & free.unsqueeze(-2)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    system = torch.where(both, matrix, eye)
-    return torch.linalg.solve(system, rhs * free.unsqueeze(-1))
+    system = torch.where(both, matrix, _eye(num, *_dd(matrix)))
+    return _batched_solve(system, rhs * free.unsqueeze(-1), definite)
+
+
+def _batched_solve(system: Tensor, rhs: Tensor, definite: bool) -> Tensor:
+    if definite:
+        factor, info = torch.linalg.cholesky_ex(system)
+        if not bool(info.any()):
+            return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.solve_ex(system, rhs)[0]
+
+
+def _dd(tensor: Tensor) -> tuple[torch.dtype, torch.device]:
+    return tensor.dtype, tensor.device
+
+
+class _FacePoint(NamedTuple):
+    beta: Tensor  # (B, T)
+    mu: Tensor  # (B, 1) multiplier of aᵀβ = 1 (0 without the equality)
+    multipliers: Tensor  # (B, T) Mβ + c − μa
+    valid: Tensor  # (B, 1) the face's equality-constrained problem has a solution
+
+
+def _face_points(
+    matrix: Tensor,
+    free: Tensor,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+    definite: bool = False,
+) -> _FacePoint:
+    """Minimiser of ``½βᵀMβ + cᵀβ`` on each face ``{β_C = l_C}`` (and ``aᵀβ = 1`` if ``unit``).
+
+    ``free`` (B, T) is the set F of coordinates not held at their bound ``l`` (``lower``, None
+    meaning 0); ``linear`` is ``c`` (None meaning 0), ``unit`` the vector ``a`` of the equality.
+    The stationarity conditions on F are ``M_FF β_F = −c_F − M_FC l_C + μ a_F``; one batched
+    solve with two right-hand sides gives β for the μ that meets the equality.
+    """
+    rhs = torch.zeros_like(free, dtype=matrix.dtype) if linear is None else -linear
+    fixed = None
+    if lower is not None:
+        fixed = torch.where(free, 0.0, lower)
+        rhs = rhs - fixed @ matrix
+    if unit is None:
+        solution = _solve_on_free(matrix, free, rhs.unsqueeze(-1), definite).squeeze(-1)
+        beta = solution if lower is None else torch.where(free, solution, lower)
+        mu = torch.zeros_like(beta[:, :1])
+        valid = torch.ones_like(free[:, :1])
+        multipliers = beta @ matrix
+    else:
+        units = unit.expand_as(rhs)
+        if linear is None and lower is None:
+            z_unit = _solve_on_free(matrix, free, units.unsqueeze(-1), definite).squeeze(-1)
+            z_lin = None
+        else:
+            stacked = torch.stack([rhs, units], -1)
+            z_lin, z_unit = _solve_on_free(matrix, free, stacked, definite).unbind(-1)
+        denominator = (z_unit * unit).sum(-1, keepdim=True)
+        valid = denominator > 0
+        numerator = torch.ones_like(denominator)
+        if fixed is not None:
+            numerator = numerator - (fixed * unit).sum(-1, keepdim=True)
+        if z_lin is not None:
+            numerator = numerator - (z_lin * unit).sum(-1, keepdim=True)
+        mu = numerator / torch.where(valid, denominator, 1.0)
+        beta = mu * z_unit if z_lin is None else z_lin + mu * z_unit
+        if lower is not None:
+            beta = torch.where(free, beta, lower)
+        multipliers = beta @ matrix - mu * unit
+    if linear is not None:
+        multipliers = multipliers + linear
+    return _FacePoint(beta, mu, multipliers, valid)
+
+
+def _violations(
+    point: _FacePoint,
+    free: Tensor,
+    abs_matrix: Tensor,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+    tol: float,
+    dual_tol: float | None = None,
+) -> Tensor:
+    """Where ``point`` violates primal feasibility (on F) or dual feasibility (off F).
+
+    Both are judged relative to their natural scale: a bound violated by 1e-14 on a weight of
+    1e12 is rounding, the same violation on a weight of 1 is not.
+    """
+    beta = point.beta
+    size = beta.abs()
+    if lower is not None:
+        size = torch.maximum(size, lower.abs())
+    beta_tol = tol * size.amax(-1, keepdim=True)
+    if unit is not None:
+        # on the simplex also judge the weights wᵢ = βᵢaᵢ themselves (they sum to 1): a scaled
+        # weight tiny next to the others can still be a large weight on a tiny gradient
+        beta_tol = torch.minimum(beta_tol, tol * (size * unit).sum(-1, keepdim=True) / unit)
+    multiplier_scale = size @ abs_matrix
+    if linear is not None:
+        multiplier_scale = multiplier_scale + linear.abs()
+    if unit is not None:
+        multiplier_scale = multiplier_scale + point.mu.abs() * unit
+    bound = 0.0 if lower is None else lower
+    primal = free & (beta < bound - beta_tol)
+    dual_tol = tol if dual_tol is None else dual_tol
+    dual = ~free & (point.multipliers < -dual_tol * multiplier_scale)
+    return primal | dual
 
 
 def _pivot(
@@ -143,107 +315,234 @@ def _pivot(
     improved = count < best_count
     use_block = improved | (backup > 0)
     best_count = torch.where(improved, count, best_count)
-    backup = torch.where(
-        improved, torch.full_like(backup, _BPP_BACKUP), backup - (~improved).long()
-    )
+    backup = torch.where(improved, _BPP_BACKUP, backup - (~improved).long())
     index = torch.arange(free.shape[-1], device=free.device)
     last = torch.where(infeasible, index, -1).amax(-1, keepdim=True)
-    single = index == last
-    flip = torch.where(use_block.unsqueeze(-1), infeasible, single)
+    flip = torch.where(use_block.unsqueeze(-1), infeasible, index == last)
     return free ^ flip, best_count, backup
-
-
-def _converged(current: Tensor, previous: Tensor, tol: float) -> bool:
-    change = (current - previous).abs().amax(-1)
-    return bool((change <= tol * current.abs().amax(-1)).all())
 
 
 def _max_pivots(num_tasks: int) -> int:
     return 20 * num_tasks + 50
 
 
+def _solve_lcp(
+    problem: _Scaled,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+    batch: int,
+    name: str,
+) -> Tensor:
+    """``min ½βᵀĜβ + cᵀβ`` s.t. ``β ≥ l`` (and ``aᵀβ = 1``), for B problems sharing Ĝ.
+
+    Returns β (B, T). Small problems without a linear term are solved by enumeration
+    (:func:`_enumerate_faces`); the others by block principal pivoting (Júdice & Pires, "A
+    block principal pivoting algorithm for large-scale strictly monotone linear complementarity
+    problems", Comput. Oper. Res. 1994; Kim & Park, "Fast nonnegative matrix factorization",
+    SIAM J. Sci. Comput. 2011) on the ridge-regularised matrix, then one polishing solve
+    without the ridge on the final face.
+    """
+    matrix = problem.regularized
+    num = matrix.shape[-1]
+    num_faces = 2**num - (0 if unit is None else 1)
+    if linear is None and batch * num_faces <= _ENUMERATION_LIMIT:
+        return _enumerate_faces(problem, lower, unit)
+    if unit is None:
+        # start from every bound active: β = l, multipliers Ĝl + c
+        start = lower if lower is not None else torch.zeros(batch, num).to(matrix)
+        multipliers = start @ matrix
+        scale = start.abs() @ matrix.abs()
+        if linear is not None:
+            multipliers, scale = multipliers + linear, scale + linear.abs()
+        free = multipliers < -problem.tol * scale
+    else:
+        free = torch.ones(batch, num, dtype=torch.bool, device=matrix.device)
+    free, beta = _pivot_until_optimal(problem, free, lower, linear, unit, name)
+    return _polish(problem, free, beta, lower, linear, unit)
+
+
+_PAIRS: dict[tuple[int, bool, torch.device], Tensor] = {}
+
+
+def _enumerate_faces(problem: _Scaled, lower: Tensor | None, unit: Tensor | None) -> Tensor:
+    """Solve ``min ½βᵀĜβ`` on the simplex (``unit``) or above ``lower`` by trying every face.
+
+    Every face's equality-constrained minimiser is computed in one batched solve, with and
+    without the ridge. The optimum lies in the relative interior of some face, where it is
+    that face's minimiser; every other feasible face minimiser is a feasible point, so the
+    feasible ridge candidate of least objective is the ridge optimum (unique by strict
+    convexity). Its face's exact candidate replaces it when that is KKT-optimal (see
+    :func:`_polish`). No iteration and no host synchronisation.
+    """
+    cosine, regularized = problem.cosine, problem.regularized
+    num = cosine.shape[-1]
+    device = cosine.device
+    include_empty = unit is None
+    faces = _faces(num, include_empty, device)  # (K, T)
+    key = (num, include_empty, device)
+    pairs = _PAIRS.get(key)
+    if pairs is None:
+        pairs = _PAIRS[key] = faces.unsqueeze(-1) & faces.unsqueeze(-2)
+    matrices = torch.stack([regularized, cosine]).unsqueeze(1)  # (2, 1, T, T)
+    systems = torch.where(pairs, matrices, _eye(num, *_dd(cosine)))  # (2, K, T, T)
+    tol = problem.tol
+    if unit is not None:
+        # simplex: β_F ∝ M_FF⁻¹ a_F, objective ½βᵀMβ = 1 / (2 aᵀM_FF⁻¹a_F)
+        rhs = (faces * unit).unsqueeze(-1).expand(2, -1, -1, 1)
+        z = torch.linalg.solve_ex(systems, rhs)[0].squeeze(-1)  # (2, K, T)
+        denominator = (z * unit).sum(-1, keepdim=True)  # (2, K, 1)
+        beta = z / denominator
+        ridge_beta = beta[0]
+        weights = ridge_beta * unit
+        feasible = (
+            (denominator[0] > 0)
+            & (weights >= -tol * weights.abs().sum(-1, keepdim=True)).all(-1, keepdim=True)
+            & (ridge_beta >= -tol * ridge_beta.abs().amax(-1, keepdim=True)).all(-1, keepdim=True)
+        )
+        best = denominator[0].masked_fill(~feasible, -math.inf).argmax()
+        exact, chosen, face = beta[1, best], ridge_beta[best], faces[best]
+        mu = 1 / denominator[1, best]
+        multipliers = exact @ cosine - mu * unit
+        scale = exact.abs() @ cosine.abs() + mu.abs() * unit
+        primal_ok = (exact * unit >= -tol * (exact.abs() * unit).sum()).all() & (
+            exact >= -tol * exact.abs().amax()
+        ).all()
+        valid = denominator[1, best] > 0
+        exact, chosen, face = exact.unsqueeze(0), chosen.unsqueeze(0), face.unsqueeze(0)
+        multipliers, scale = multipliers.unsqueeze(0), scale.unsqueeze(0)
+        primal_ok = primal_ok & valid
+    else:
+        assert lower is not None
+        # dual cone: β_C = l_C, β_F = −M_FF⁻¹ M_FC l_C
+        fixed = lower.unsqueeze(1) * ~faces  # (B, K, T)
+        rhs = -(fixed @ matrices)  # (2, B, K, T)
+        rhs = rhs * faces
+        z = torch.linalg.solve_ex(systems.unsqueeze(1), rhs.unsqueeze(-1))[0].squeeze(-1)
+        beta = torch.where(faces, z, lower.unsqueeze(1))  # (2, B, K, T)
+        ridge_beta = beta[0]
+        size = torch.maximum(ridge_beta.abs(), lower.abs().unsqueeze(1)).amax(-1, keepdim=True)
+        feasible = (~faces | (ridge_beta >= lower.unsqueeze(1) - tol * size)).all(-1)
+        objective = ((ridge_beta @ regularized) * ridge_beta).sum(-1)  # (B, K)
+        best = objective.masked_fill(~feasible, math.inf).argmin(-1)  # (B,)
+        rows = torch.arange(lower.shape[0], device=device)
+        exact, chosen, face = beta[1, rows, best], ridge_beta[rows, best], faces[best]
+        multipliers = exact @ cosine
+        size = torch.maximum(exact.abs(), lower.abs())
+        scale = size @ cosine.abs()
+        primal_ok = (~face | (exact >= lower - tol * size.amax(-1, keepdim=True))).all(-1)
+    loose = max(tol, problem.ridge**0.5)
+    dual_ok = (face | (multipliers >= -loose * scale)).all(-1)
+    finite = (exact * 0 == 0).all(-1)  # cheaper than isfinite
+    accept = (primal_ok & dual_ok & finite).unsqueeze(-1)
+    return torch.where(accept, exact, chosen)
+
+
+def _pivot_until_optimal(
+    problem: _Scaled,
+    free: Tensor,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+    name: str,
+) -> tuple[Tensor, Tensor]:
+    """Block principal pivoting from ``free``: the optimal faces and their points.
+
+    Problems that are solved leave the batch, so later pivots only solve the others.
+    """
+    matrix = problem.regularized
+    abs_matrix = matrix.abs()
+    batch, num = free.shape
+    final_free = free.clone()
+    final_beta = torch.empty_like(free, dtype=matrix.dtype)
+    pending = torch.arange(batch, device=matrix.device)
+    best_count = torch.full((batch,), num + 1, device=matrix.device)
+    backup = torch.full((batch,), _BPP_BACKUP, device=matrix.device)
+    for _ in range(_max_pivots(num)):
+        point = _face_points(matrix, free, lower, linear, unit, definite=True)
+        infeasible = _violations(point, free, abs_matrix, lower, linear, unit, problem.tol)
+        if unit is not None:
+            # a face without a solution (the empty face of the simplex): free everything
+            infeasible = infeasible | (~point.valid & ~free)
+        open_ = infeasible.any(-1)
+        num_open = int(open_.sum())
+        if num_open < open_.shape[0]:
+            done = ~open_
+            final_free[pending[done]] = free[done]
+            final_beta[pending[done]] = point.beta[done]
+            if num_open == 0:
+                return final_free, final_beta
+            pending, free, infeasible = pending[open_], free[open_], infeasible[open_]
+            best_count, backup = best_count[open_], backup[open_]
+            lower = None if lower is None else lower[open_]
+            linear = None if linear is None else linear[open_]
+        free, best_count, backup = _pivot(free, infeasible, best_count, backup)
+    raise SolverError(
+        f"{name}: active-set method did not terminate after {_max_pivots(num)} pivots; the "
+        "Gramian is probably not positive semi-definite or not finite"
+    )
+
+
+def _polish(
+    problem: _Scaled,
+    free: Tensor,
+    beta: Tensor,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+) -> Tensor:
+    """Re-solve the final face without the ridge; keep the result where it is feasible.
+
+    The exact face minimiser, when it is feasible, is never worse than the ridge point (which
+    lies on the same face); its multipliers are checked loosely (``√ε`` relative) only to
+    reject garbage from a numerically singular face, where the ridge point is kept.
+    """
+    exact = _face_points(problem.cosine, free, lower, linear, unit)
+    loose = max(problem.tol, problem.ridge**0.5)
+    bad = _violations(exact, free, problem.cosine.abs(), lower, linear, unit, problem.tol, loose)
+    finite = (exact.beta * 0 == 0).all(-1, keepdim=True)  # cheaper than isfinite
+    finite = finite & (exact.multipliers * 0 == 0).all(-1, keepdim=True)
+    accept = exact.valid & finite & ~bad.any(-1, keepdim=True)
+    return torch.where(accept, exact.beta, beta)
+
+
+# --------------------------------------------------------------------------- public solvers
+
+
 def simplex_qp(
     gramian: Tensor, linear: Tensor | None = None, *, ridge: float | None = None
 ) -> Tensor:
-    """Solve ``min_{w ∈ Δ} wᵀ G w + cᵀ w`` exactly, for one or several linear terms ``c``.
+    """Solve ``min_{w ∈ Δ} ½ wᵀ G w + cᵀ w`` exactly, for one or several linear terms ``c``.
 
     :param gramian: (T, T) positive semi-definite matrix.
     :param linear: (T,) or (B, T) linear terms; ``None`` means 0 (the min-norm point of MGDA).
-    :param ridge: relative ridge ``ε`` (see :func:`default_ridge`).
+    :param ridge: relative ridge ``ε`` used to select the active set (see :func:`default_ridge`).
     :returns: (T,) or (B, T) weights on the simplex.
     :raises SolverError: if the active-set method does not terminate (never observed; it is
-        finite in exact arithmetic).
+        finite in exact arithmetic for positive semi-definite G).
 
-    Method: block principal pivoting on the KKT system ``2Gw + c − μ1 = λ ≥ 0, w ≥ 0, λᵀw = 0,
-    1ᵀw = 1`` (Júdice & Pires 1994; Kim & Park, "Fast nonnegative matrix factorization", SIAM
-    J. Sci. Comput. 2011). For a free set F the equality-constrained minimiser is closed form
-    and is computed in the scaled coordinates ``β = S w``; all B problems advance together with
-    one batched linear solve per pivot. Scaled zero gradients count as unit vectors of norm 1.
+    Solved in the scaled coordinates ``β = S w`` (``Σ wᵢ = Σ βᵢ/sᵢ``), where the KKT conditions
+    are ``Ĝβ + Ŝ⁻¹c − μ s⁻¹ = λ ≥ 0``, ``β ≥ 0``, ``λᵀβ = 0``. For T ≤ 7 every face is
+    solved at once (see :func:`_best_face`); above, block principal pivoting from the full
+    support. Scaled zero gradients count as unit vectors of norm 1.
     """
     squeeze = linear is None or linear.dim() == 1
     dtype = working_dtype(gramian.dtype)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
-    if linear is None:
-        linear = torch.zeros(1, num_tasks, dtype=dtype, device=matrix.device)
-    linear = linear.to(dtype).reshape(-1, num_tasks)
-    batch = linear.shape[0]
-
-    regularized, scales, ridge_value = _scaled_problem(matrix, ridge)
-    inv_scales = scales.reciprocal()
-    linear_hat = linear * inv_scales
-    rhs = torch.stack([inv_scales.expand(batch, num_tasks), linear_hat], dim=-1)
-    abs_regularized = regularized.abs()
-    eps = torch.finfo(dtype).eps
-    tol = 64 * num_tasks * eps
-
-    free = torch.ones(batch, num_tasks, dtype=torch.bool, device=matrix.device)
-    best_count = torch.full((batch,), num_tasks + 1, device=matrix.device)
-    backup = torch.full((batch,), _BPP_BACKUP, device=matrix.device)
-    for _ in range(_max_pivots(num_tasks)):
-        solution = _solve_on_free(regularized, free, rhs)
-        z_unit, z_lin = solution[..., 0], solution[..., 1]
-        nonempty = free.any(-1, keepdim=True)
-        denominator = (inv_scales * z_unit).sum(-1, keepdim=True)
-        denominator = torch.where(nonempty, denominator, torch.ones_like(denominator))
-        mu = (2 + (inv_scales * z_lin).sum(-1, keepdim=True)) / denominator
-        beta = torch.where(free, (mu * z_unit - z_lin) / 2, torch.zeros_like(z_unit))
-        multipliers = 2 * beta @ regularized + linear_hat - mu * inv_scales
-        # an empty free set is infeasible (Σw = 1 cannot hold): free every index
-        multipliers = torch.where(nonempty, multipliers, -torch.ones_like(multipliers))
-        # feasibility is judged on the scaled weights β = S w: a weight of -1e-14 on a gradient
-        # of norm 1e12 is a large violation, the same weight on a gradient of norm 1 is rounding
-        beta_tol = tol * beta.abs().amax(-1, keepdim=True)
-        multiplier_tol = tol * (
-            2 * beta.abs() @ abs_regularized + linear_hat.abs() + mu.abs() * inv_scales
-        )
-        infeasible = (free & (beta < -beta_tol)) | (~free & (multipliers < -multiplier_tol))
-        if not bool(infeasible.any()):
-            break
-        free, best_count, backup = _pivot(free, infeasible, best_count, backup)
+    problem = _scaled_problem(matrix, ridge)
+    inv_scales = problem.scales.reciprocal()
+    scaled_linear = None
+    batch = 1
+    if linear is not None:
+        scaled_linear = linear.to(dtype).reshape(-1, num_tasks) * inv_scales
+        batch = scaled_linear.shape[0]
+    if num_tasks == 1:
+        weights = torch.ones(batch, 1, dtype=dtype, device=matrix.device)
     else:
-        raise SolverError(
-            f"simplex QP: active-set method did not terminate after {_max_pivots(num_tasks)} "
-            "pivots; the Gramian is probably not positive semi-definite or not finite"
-        )
-    for _ in range(_MAX_REFINEMENTS):
-        # proximal-point refinement on the final free set: min βᵀĜβ + ĉᵀβ + ε‖β − β_k‖², which
-        # removes the O(ε) bias of the ridge while keeping its tie-breaking in null directions
-        previous = beta
-        rhs_prox = torch.cat([rhs, (ridge_value * beta).unsqueeze(-1)], dim=-1)
-        solution = _solve_on_free(regularized, free, rhs_prox)
-        z_unit, z_lin, z_prox = solution[..., 0], solution[..., 1], solution[..., 2]
-        denominator = (inv_scales * z_unit).sum(-1, keepdim=True)
-        mu = (
-            2
-            + (inv_scales * z_lin).sum(-1, keepdim=True)
-            - 2 * (inv_scales * z_prox).sum(-1, keepdim=True)
-        ) / denominator
-        beta = torch.where(free, (mu * z_unit - z_lin) / 2 + z_prox, torch.zeros_like(z_unit))
-        if _converged(beta, previous, tol):
-            break
-    weights = beta.clamp_min(0) * inv_scales
-    weights = weights / weights.sum(-1, keepdim=True)
+        beta = _solve_lcp(problem, None, scaled_linear, inv_scales, batch, "simplex QP")
+        weights = beta.clamp_min(0) * inv_scales
+        weights = weights / weights.sum(-1, keepdim=True)
     weights = weights.to(gramian.dtype)
     return weights[0] if squeeze else weights
 
@@ -274,51 +573,175 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     :param lower: (T,) or (B, T) lower bounds ``u``.
     :returns: (T,) or (B, T) solutions ``v``.
 
-    Solved by block principal pivoting (see :func:`simplex_qp`) in scaled coordinates, starting
-    from ``v = u`` (all bounds active), which is already optimal when ``Jᵀu`` is in the cone.
+    All B problems are solved together in scaled coordinates: by enumeration of the faces
+    when ``B·2^T ≤ 128``, otherwise by block principal pivoting started from the bounds that
+    the unconstrained multipliers ``Ĝu`` already show to be active (one batched solve per
+    pivot, on the gathered free sets when T ≥ 16).
     """
     squeeze = lower.dim() == 1
     dtype = working_dtype(gramian.dtype)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
-    regularized, scales, ridge_value = _scaled_problem(matrix, ridge)
-    bound = lower.to(dtype).reshape(-1, num_tasks) * scales
-    batch = bound.shape[0]
-    abs_regularized = regularized.abs()
-    tol = 64 * num_tasks * torch.finfo(dtype).eps
-
-    free = torch.zeros(batch, num_tasks, dtype=torch.bool, device=matrix.device)
-    best_count = torch.full((batch,), num_tasks + 1, device=matrix.device)
-    backup = torch.full((batch,), _BPP_BACKUP, device=matrix.device)
-    for _ in range(_max_pivots(num_tasks)):
-        fixed = torch.where(free, torch.zeros_like(bound), bound)
-        rhs = -(fixed @ regularized)
-        solved = _solve_on_free(regularized, free, rhs.unsqueeze(-1)).squeeze(-1)
-        point = torch.where(free, solved, bound)
-        multipliers = point @ regularized
-        point_tol = tol * torch.maximum(point.abs(), bound.abs()).amax(-1, keepdim=True)
-        multiplier_tol = tol * (point.abs() @ abs_regularized)
-        infeasible = (free & (point < bound - point_tol)) | (
-            ~free & (multipliers < -multiplier_tol)
-        )
-        if not bool(infeasible.any()):
-            break
-        free, best_count, backup = _pivot(free, infeasible, best_count, backup)
-    else:
-        raise SolverError(
-            f"dual-cone QP: active-set method did not terminate after {_max_pivots(num_tasks)} "
-            "pivots; the Gramian is probably not positive semi-definite or not finite"
-        )
-    for _ in range(_MAX_REFINEMENTS):
-        # proximal-point refinement, as in simplex_qp
-        previous = point
-        rhs_prox = rhs + ridge_value * point
-        solved = _solve_on_free(regularized, free, rhs_prox.unsqueeze(-1)).squeeze(-1)
-        point = torch.where(free, solved, bound)
-        if _converged(point, previous, tol):
-            break
-    solution = (torch.maximum(point, bound) / scales).to(gramian.dtype)
+    problem = _scaled_problem(matrix, ridge)
+    bound = lower.to(dtype).reshape(-1, num_tasks) * problem.scales
+    beta = _solve_lcp(problem, bound, None, None, bound.shape[0], "dual-cone QP")
+    solution = (torch.maximum(beta, bound) / problem.scales).to(gramian.dtype)
     return solution[0] if squeeze else solution
+
+
+def penalized_simplex_weights(
+    gramian: Tensor, linear: Tensor, radius: float, *, ridge: float | None = None
+) -> Tensor:
+    """Solve ``min_{w ∈ Δ} cᵀw + r·√(wᵀGw)`` (the inner problem of CAGrad and IMGrad).
+
+    :param gramian: (T, T) positive semi-definite matrix.
+    :param linear: (T,) linear term ``c``.
+    :param radius: ``r > 0``.
+    :returns: (T,) weights on the simplex.
+    :raises SolverError: if the search does not terminate (never observed).
+
+    The problem is convex. On a face F (the support of w) its stationary point is closed form:
+    with ``p = G_FF⁻¹1``, ``q = G_FF⁻¹c``, ``A = 1ᵀp``, ``B = 1ᵀq``, ``C = cᵀq`` and
+    ``D = B² − A(C − r²)``, the conditions ``c + (r/‖g_w‖)Gw = ν1``, ``1ᵀw = 1`` give
+    ``ν = (B + √D)/A`` and ``w_F = (νp − q)/√D`` (no stationary point when ``D ≤ 0``). For
+    T ≤ 6 every face is tried at once and the best feasible candidate kept. Above, the
+    optimal face is found by following the QPs ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` (whose
+    KKT conditions match the problem's for ``t = ‖g_w‖/r``; ``‖g_{w(t)}‖ − rt`` is strictly
+    decreasing, so the root is unique): each QP is solved by block principal pivoting warm
+    started from the previous face, and t moves to the root of the current face's closed form
+    (bisection when that leaves the bracket) until the closed form is KKT-optimal.
+
+    Accuracy: computed in scaled coordinates with the ridge ``ε`` of :func:`default_ridge` on
+    the cosine matrix, i.e. exact for ``G + ε·diag(G)``: the KKT conditions of the original
+    problem hold to ``~ε`` relative (~1e-10 in float64).
+    """
+    dtype = working_dtype(gramian.dtype)
+    matrix = gramian.to(dtype)
+    num = matrix.shape[-1]
+    if num == 1:
+        return torch.ones(1, dtype=gramian.dtype, device=gramian.device)
+    zero = matrix.diagonal() <= 0
+    if bool(zero.any()):
+        # a zero gradient scales the objective: F((1−t)w + t·eᵢ) = (1−t)F(w), so the optimum
+        # is the best w over the other tasks when that is negative, else the zero gradients
+        uniform_zero = (zero.to(dtype) / zero.sum()).to(gramian.dtype)
+        keep = (~zero).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            return uniform_zero
+        sub = matrix[keep][:, keep]
+        sub_linear = linear.to(dtype)[keep]
+        partial = penalized_simplex_weights(sub, sub_linear, radius, ridge=ridge).to(dtype)
+        value = partial @ sub_linear + radius * (partial @ sub @ partial).clamp_min(0).sqrt()
+        if not bool(value < 0):
+            return uniform_zero
+        full = torch.zeros(num, dtype=dtype, device=matrix.device).index_copy(0, keep, partial)
+        return full.to(gramian.dtype)
+    problem = _scaled_problem(matrix, ridge)
+    unit = problem.scales.reciprocal()
+    scaled_linear = linear.to(dtype) * unit
+    if 2**num - 1 <= _ENUMERATION_LIMIT // 2:
+        beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
+    else:
+        beta = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
+    weights = beta.clamp_min(0) * unit
+    return (weights / weights.sum()).to(gramian.dtype)
+
+
+def _penalized_face_candidates(
+    matrix: Tensor, free: Tensor, unit: Tensor, linear: Tensor, radius: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Closed-form stationary points on faces: ``(β, ν, √D, valid, (p, q) stacked)``.
+
+    Written without cancellation: with ``e = q − (B/A)p`` (the part of ``M⁻¹c`` that changes
+    along the face), ``D = A(r² − eᵀMe)`` and ``β = p/A − e/√D``. The textbook
+    ``B² − A(C − r²)`` loses everything when ``r`` is small and the face is a vertex.
+    """
+    units = unit.expand(free.shape)
+    both = _solve_on_free(
+        matrix, free, torch.stack([units, linear.expand(free.shape)], -1), definite=True
+    )
+    p, q = both.unbind(-1)
+    a_p = (unit * p).sum(-1, keepdim=True)
+    positive = a_p > 0
+    safe_a_p = torch.where(positive, a_p, 1.0)
+    ratio = (unit * q).sum(-1, keepdim=True) / safe_a_p
+    moving = q - ratio * p
+    spread = ((moving @ matrix) * moving).sum(-1, keepdim=True)
+    reduced = radius * radius - spread  # D / A
+    valid = (reduced > 0) & positive
+    root = (torch.where(valid, reduced, 1.0) * safe_a_p).sqrt()  # √D
+    nu = ratio + root / safe_a_p
+    beta = p / safe_a_p - moving / root
+    return beta, nu, root, valid, both
+
+
+def _penalized_by_enumeration(
+    problem: _Scaled, unit: Tensor, linear: Tensor, radius: float
+) -> Tensor:
+    matrix = problem.regularized
+    free = _faces(matrix.shape[-1], False, matrix.device)
+    beta, _, _, valid, _ = _penalized_face_candidates(matrix, free, unit, linear, radius)
+    weights = beta * unit
+    slack = problem.tol * weights.abs().sum(-1, keepdim=True)
+    beta_slack = problem.tol * beta.abs().amax(-1, keepdim=True)
+    infeasible = free & ((weights < -slack) | (beta < -beta_slack))
+    feasible = valid.squeeze(-1) & ~infeasible.any(-1)
+    norm = ((beta @ matrix) * beta).sum(-1).clamp_min(0).sqrt()
+    objective = torch.where(feasible, beta @ linear + radius * norm, math.inf)
+    return beta[objective.argmin()]
+
+
+def _penalized_by_homotopy(problem: _Scaled, unit: Tensor, linear: Tensor, radius: float) -> Tensor:
+    matrix = problem.regularized
+    abs_matrix = matrix.abs()
+    num = matrix.shape[-1]
+    tol = problem.tol
+    free = torch.ones(1, num, dtype=torch.bool, device=matrix.device)
+    # ‖g_w‖ ≤ max ‖gᵢ‖, so ‖g_{w(t)}‖ − rt < 0 beyond `high`
+    low, high = 0.0, 1.01 * float(problem.scales.max()) / radius
+    t: float | None = None
+    best_count = torch.full((1,), num + 1, device=matrix.device)
+    backup = torch.full((1,), _BPP_BACKUP, device=matrix.device)
+    limit = 4 * _max_pivots(num)
+    for _ in range(limit):
+        beta, nu, root, valid, both = _penalized_face_candidates(matrix, free, unit, linear, radius)
+        if bool(valid.all()):
+            # CAGrad's KKT: c + √D·Ĝβ − νa ≥ 0 off F (√D = r/‖g_w‖)
+            candidate = _FacePoint(beta, nu, linear + root * (beta @ matrix) - nu * unit, valid)
+            bad = _violations(candidate, free, abs_matrix * root, None, linear, unit, tol)
+            if not bool(bad.any()):
+                return beta[0]
+        p, q = both.unbind(-1)
+        a_p = float((unit * p).sum())
+        a_q = float((unit * q).sum())
+        if t is None:
+            guess = 1.0 / float(root) if bool(valid.all()) else high / 2
+            t = guess if 0 < guess < high else high / 2
+        mu = (1 + t * a_q) / a_p
+        qp_beta = mu * p - t * q
+        multipliers = qp_beta @ matrix + t * linear - mu * unit
+        point = _FacePoint(qp_beta, torch.full_like(p[:, :1], mu), multipliers, valid)
+        infeasible = _violations(point, free, abs_matrix, None, t * linear, unit, tol)
+        if bool(infeasible.any()):
+            free, best_count, backup = _pivot(free, infeasible, best_count, backup)
+            continue
+        # the face is optimal for QP(t): tighten the bracket and move t
+        norm = float(((point.beta @ matrix) * point.beta).sum().clamp_min(0).sqrt())
+        if norm > radius * t:
+            low = t
+        else:
+            high = t
+        guess = 1.0 / float(root) if bool(valid.all()) else math.nan
+        t = guess if low < guess < high else 0.5 * (low + high)
+        best_count.fill_(num + 1)
+        backup.fill_(_BPP_BACKUP)
+    raise SolverError(
+        f"norm-penalised simplex problem: no KKT point found after {limit} steps; the Gramian "
+        "is probably not positive semi-definite or not finite"
+    )
+
+
+# --------------------------------------------------------------------------- linear algebra
 
 
 def regularized_solve(matrix: Tensor, rhs: Tensor, ridge: float) -> Tensor:
