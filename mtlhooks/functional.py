@@ -62,6 +62,16 @@ __all__ = [
 ]
 
 
+def _uniform(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """U(0, 1) float32 draws from ``generator`` on the generator's own device (the pipeline's is
+    on the CPU, so draws do not depend on where the tensors live or on their dtype), moved to
+    ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
 def _check_gramian(gramian: Tensor) -> None:
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise InputError(
@@ -185,7 +195,7 @@ def pcgrad(
     """
     _check_gramian(gramian)
     num_tasks = gramian.shape[0]
-    draws = torch.rand(num_tasks, num_tasks, generator=generator, device=gramian.device)
+    draws = _uniform((num_tasks, num_tasks), generator, gramian.device)
     orders = draws.argsort(dim=1)
     return pcgrad_from_orders(gramian, orders, reduction=reduction)
 
@@ -594,7 +604,7 @@ def gradvac(
     scales = diag.sqrt()
     eps = torch.finfo(dtype).eps
     tasks = torch.arange(num_tasks, device=device)
-    orders = torch.rand(num_tasks, num_tasks, generator=generator, device=device).argsort(1)
+    orders = _uniform((num_tasks, num_tasks), generator, device).argsort(1)
     rounds = orders.T  # round k pairs task i with partner rounds[k, i]
     # everything a round needs, gathered once
     partner_rows = matrix[rounds].unbind(0)
@@ -655,7 +665,7 @@ def graddrop(grads: Tensor, *, generator: torch.Generator | None, leak: float = 
     purity = torch.where(
         magnitude > 0, 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1)), 0.5
     )
-    uniform = torch.rand(purity.shape, generator=generator, device=grads.device, dtype=grads.dtype)
+    uniform = _uniform(tuple(purity.shape), generator, grads.device).to(purity.dtype)
     keep = ((purity > uniform) & (grads > 0)) | ((purity < uniform) & (grads < 0))
     return ((leak + (1 - leak) * keep.to(grads.dtype)) * grads).sum(0)
 

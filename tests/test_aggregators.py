@@ -342,7 +342,8 @@ def test_graddrop_matches_masked_combination_by_hand(problem, leak):
     grads = torch.stack(
         [torch.autograd.grad(losses_ref[t], z_ref, retain_graph=True)[0] for t in problem.tasks]
     ).reshape(3, -1)
-    draw = torch.rand(grads.shape[1], generator=fresh_generator(), dtype=torch.float64)
+    # The pipeline draws float32 uniforms on its (CPU) generator, whatever the gradients' dtype.
+    draw = torch.rand(grads.shape[1], generator=fresh_generator()).double()
     combined = graddrop_by_hand(grads * weights[:, None], draw, leak)
     dropped = (combined - (grads * weights[:, None]).sum(0)).abs() > 1e-12
     assert bool(dropped.any())  # the draw really dropped something
