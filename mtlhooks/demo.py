@@ -27,9 +27,11 @@ DEMO_CONFIGS: dict[str, list[Any]] = {
     "static 1/σ² (oracle)": [
         {"name": "static", "weights": {f"t{i}": 1.0 / s**2 for i, s in enumerate(SIGMAS)}}
     ],
+    "uncertainty": ["uncertainty"],
     "avgnorm": ["avgnorm"],
     "pcgrad": ["pcgrad"],
     "mgda": ["mgda"],
+    "upgrad": ["upgrad"],
     "avgnorm + pcgrad": ["avgnorm", "pcgrad"],
 }
 """Name → plugin list of the configurations the demo compares. The oracle knows the task
