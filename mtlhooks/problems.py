@@ -343,7 +343,24 @@ def _check_heads(task_out_dims: Mapping[str, int]) -> None:
         raise InputError(f"task output dimensions must be >= 1, got {bad}")
 
 
-class MultiTaskMLP(nn.Module):
+class _SharedTrunk(nn.Module):
+    """Hard parameter sharing: ``encoder`` (a Sequential trunk) feeds one head per task."""
+
+    encoder: nn.Sequential
+    heads: nn.ModuleDict
+
+    @property
+    def last_shared_layer(self) -> nn.Module:
+        """The last module of :attr:`encoder` that has parameters (the last shared Linear)."""
+        return _last_with_parameters(self.encoder)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the shared representation ``z`` (batch × hidden) and every head's output."""
+        z = self.encoder(x)
+        return z, {task: head(z) for task, head in self.heads.items()}
+
+
+class MultiTaskMLP(_SharedTrunk):
     """Hard parameter sharing MLP: a ReLU trunk shared by all tasks, one linear head per task.
 
     With the defaults it is the network of GradNorm's synthetic experiment (Chen et al., 2018,
@@ -381,18 +398,8 @@ class MultiTaskMLP(nn.Module):
         self.heads = nn.ModuleDict({t: _linear(hidden, d) for t, d in task_out_dims.items()})
         _init_(self, _generator(seed))
 
-    @property
-    def last_shared_layer(self) -> nn.Module:
-        """The last module of :attr:`encoder` that has parameters (the last shared Linear)."""
-        return _last_with_parameters(self.encoder)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return the shared representation ``z`` (batch × hidden) and every head's output."""
-        z = self.encoder(x)
-        return z, {task: head(z) for task, head in self.heads.items()}
-
-
-class MultiTaskCNN(nn.Module):
+class MultiTaskCNN(_SharedTrunk):
     """Hard parameter sharing CNN for ``C×H×W`` images: a small conv trunk, one linear head per
     task — a scaled-down version of the LeNet-style MultiMNIST model of Sener & Koltun (2018).
 
@@ -441,16 +448,6 @@ class MultiTaskCNN(nn.Module):
         )
         self.heads = nn.ModuleDict({t: _linear(hidden, d) for t, d in task_out_dims.items()})
         _init_(self, _generator(seed))
-
-    @property
-    def last_shared_layer(self) -> nn.Module:
-        """The last module of :attr:`encoder` that has parameters (the last shared Linear)."""
-        return _last_with_parameters(self.encoder)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return the shared representation ``z`` (batch × hidden) and every head's output."""
-        z = self.encoder(x)
-        return z, {task: head(z) for task, head in self.heads.items()}
 
 
 # --------------------------------------------------------------------------------------------
