@@ -152,8 +152,13 @@ class GradientEngine:
         # auto: the cheaper in memory, and exact across processes only when materialised.
         if self.comm is not None and (self.exact_params or self.space is Space.LAST_SHARED):
             return False
-        held = self.taps.pending_rows() + sum(p.numel() for _, p in self._untapped)
-        return held < sum(p.numel() for _, p in self.named)
+        total = sum(p.numel() for _, p in self.named)
+        untapped = sum(p.numel() for _, p in self._untapped)
+        if untapped > 0.01 * total:
+            # Convolutions and other untapped layers would pay for their weight gradients in
+            # the T passes *and* in the final backward: materialising is faster there.
+            return False
+        return self.taps.pending_rows() + untapped < total
 
     @property
     def writes_directly(self) -> bool:

@@ -130,3 +130,14 @@ def test_last_shared_layerwise_equals_materialized(make_problem, plugins):
     torch.testing.assert_close(reports[0].weights, reports[1].weights)
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_auto_materialises_when_convolutions_hold_the_weights():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+    mtl = MTL({"tasks": ["a", "b"], "plugins": ["mgda"]}, shared=trunk)
+    z = trunk(torch.randn(3, 1, 6, 6))
+    losses = {t: head(z).pow(2).mean() for t, head in zip("ab", heads)}
+    assert not mtl._engine.use_layerwise(accumulating=False)
+    mtl.backward(losses)
