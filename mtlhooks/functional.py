@@ -276,6 +276,13 @@ def _conflict_averse_weights(
     return (base + coefficient * norm_mean / norm_w * weights) / (1 + coefficient**2)
 
 
+def _mean_gradient(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The Gramian in the working dtype, the mean's weights 1/T and the mean gradient's norm."""
+    matrix = gramian.to(working_dtype(gramian.dtype))
+    uniform = mean(matrix)
+    return matrix, uniform, float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
+
+
 def cagrad(gramian: Tensor, *, c: float = 0.4) -> Tensor:
     """CAGrad: the update in the ball of radius ``c‖g₀‖`` around the mean that helps the worst task.
 
@@ -289,10 +296,7 @@ def cagrad(gramian: Tensor, *, c: float = 0.4) -> Tensor:
         raise InputError(f"cagrad: c must be ≥ 0, got {c}")
     if not _is_finite(gramian):
         return _nan_weights(gramian)
-    dtype = working_dtype(gramian.dtype)
-    matrix = gramian.to(dtype)
-    uniform = mean(matrix)
-    norm_mean = float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
+    matrix, uniform, norm_mean = _mean_gradient(gramian)
     if c == 0 or norm_mean == 0:
         return (uniform / (1 + c**2)).to(gramian.dtype)
     worst = _worst_case_weights(matrix, matrix @ uniform, c * norm_mean)
@@ -312,10 +316,7 @@ def imgrad(gramian: Tensor, *, alpha: float = 0.8) -> Tensor:
         raise InputError(f"imgrad: alpha must be ≥ 0, got {alpha}")
     if not _is_finite(gramian):
         return _nan_weights(gramian)
-    dtype = working_dtype(gramian.dtype)
-    matrix = gramian.to(dtype)
-    uniform = mean(matrix)
-    norm_mean = float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
+    matrix, uniform, norm_mean = _mean_gradient(gramian)
     if norm_mean == 0:
         return (uniform / (1 + alpha**2)).to(gramian.dtype)
     descent = min_norm_weights(matrix)
