@@ -19,6 +19,7 @@ gradients taken and held as usual (T copies of those parameters only).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,12 @@ class _Layer:
     weight_name: str
     bias_name: str | None
     records: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class LayerTaps:
@@ -54,6 +61,9 @@ class LayerTaps:
             layer = _Layer(module, names[id(module.weight)], bias_name)
             self.layers.append(layer)
             self._handles.append(module.register_forward_hook(self._hook(layer)))
+        # An MTL dropped without close() must not leave hooks (and the graphs they keep) on the
+        # user's model: remove them when these taps are collected.
+        weakref.finalize(self, _remove_handles, self._handles)
 
     @staticmethod
     def _hook(layer: _Layer):  # type: ignore[no-untyped-def]
@@ -89,9 +99,7 @@ class LayerTaps:
         return sum(output.numel() for layer in self.layers for _, output in layer.records)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        _remove_handles(self._handles)
 
 
 def layer_gramians(layer: _Layer, inputs: Tensor, deltas: Tensor) -> list[tuple[str, Tensor]]:

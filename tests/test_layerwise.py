@@ -141,3 +141,16 @@ def test_auto_materialises_when_convolutions_hold_the_weights():
     losses = {t: head(z).pow(2).mean() for t, head in zip("ab", heads)}
     assert not mtl._engine.use_layerwise(accumulating=False)
     mtl.backward(losses)
+
+
+def test_a_dropped_mtl_removes_its_forward_hooks():
+    import gc
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+    mtl = MTL(
+        {"tasks": ["a", "b"], "plugins": ["mgda"], "params_gramian": "layerwise"}, shared=model
+    )
+    assert model[0]._forward_hooks
+    del mtl
+    gc.collect()
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks
