@@ -401,10 +401,6 @@ class MTL:
     def _validate(
         self, losses: Mapping[str, Tensor], features: Tensor | None
     ) -> tuple[Tensor, ...]:
-        if not isinstance(losses, Mapping):
-            raise InputError(
-                f"backward() takes a mapping task name → loss, got {type(losses).__name__}"
-            )
         self._check_tasks(losses)
         ordered = []
         for name in self.tasks:

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from torch import Tensor
 
 from mtlhooks.plugin import Space
+from mtlhooks.stats import norms
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class StepReport:
         """Norms of the unweighted task gradients (from the Gramian's diagonal)."""
         if self.gramian is None:
             return None
-        return self.gramian.diagonal().clamp_min(0).sqrt()
+        return norms(self.gramian)
 
     def as_dict(self) -> dict[str, object]:
         """Plain Python values (floats and lists), e.g. for JSON. Synchronises with the device."""

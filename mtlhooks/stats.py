@@ -13,18 +13,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlhooks.solvers import cosine_from_gramian, gramian_scales
+
 
 def norms(gramian: Tensor) -> Tensor:
     """Per-task gradient norms ‖gᵢ‖ = √Gᵢᵢ."""
-    return torch.diagonal(gramian).clamp_min(0).sqrt()
+    return gramian_scales(gramian)
 
 
 def cosine_matrix(gramian: Tensor) -> Tensor:
     """cos(gᵢ, gⱼ); 0 where either gradient is zero (1 on the diagonal of non-zero rows)."""
-    n = norms(gramian)
-    denominator = n[:, None] * n[None, :]
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, gramian / safe, torch.zeros_like(gramian)).clamp(-1, 1)
+    return cosine_from_gramian(gramian)
 
 
 def magnitude_similarity(gramian: Tensor) -> Tensor:

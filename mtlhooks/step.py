@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mtlhooks.errors import PluginError
 from mtlhooks.plugin import Space
+from mtlhooks.stats import norms
 
 
 @dataclass
@@ -107,5 +108,5 @@ class Step:
     def grad_norms(self) -> Tensor:
         """Norms of the weighted task gradients, shape ``(T,)``."""
         gradients = self._require_gradients()
-        diagonal = torch.diagonal(gradients.gramian).clamp_min(0).sqrt()
-        return diagonal * self.weights.abs().to(diagonal.dtype)
+        unweighted = norms(gradients.gramian)
+        return unweighted * self.weights.abs().to(unweighted.dtype)

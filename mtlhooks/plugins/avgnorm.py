@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from mtlhooks import stats
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Setup, Space, hookimpl
 from mtlhooks.step import Step
 
@@ -63,7 +64,7 @@ class AvgNorm(Plugin):
     @hookimpl
     def mtl_balance(self, step: Step) -> None:
         gramian = step.gramian()
-        norms = torch.diagonal(gramian).clamp_min(0).sqrt()
+        norms = stats.norms(gramian)
         if self.config.target == "mean_norm":
             target = norms.mean()
         else:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mtlhooks import functional
+from mtlhooks import functional, stats
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Space, hookimpl
 from mtlhooks.step import Step
 
@@ -43,7 +43,7 @@ class MGDA(Plugin):
         mode = self.config.normalization
         if mode == "none":
             return functional.mgda(gramian)
-        norms = torch.diagonal(gramian).clamp_min(0).sqrt()
+        norms = stats.norms(gramian)
         losses = (step.losses * step.weights).to(gramian.dtype).abs()
         scales = {"l2": norms, "loss": losses, "loss+": losses * norms}[mode]
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
