@@ -284,6 +284,7 @@ class MTL:
             features=features,
             sync=sync,
             loss_scale=_scale_tensor(loss_scale, ordered[0]),
+            communicator=self._engine.comm,
         )
         report: StepReport = self._manager.hook.mtl_backward(step=step)
         self._index += 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mtlhooks.distributed import Communicator
 from mtlhooks.errors import PluginError
 from mtlhooks.plugin import Space
 from mtlhooks.stats import norms
@@ -82,6 +83,16 @@ class Step:
     gradients: TaskGradients | None = None
     """Per-task gradients; ``None`` before the gradient stage and in space ``none``."""
     auxiliary_losses: list[Tensor] = field(default_factory=list)
+    communicator: Communicator | None = None
+    """The other processes of a data-parallel run (``None`` with one process)."""
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """``tensor`` reduced over the processes of a data-parallel run (``"sum"`` or
+        ``"mean"``); ``tensor`` itself with one process. For plugins whose statistics are sums
+        over the batch (GradDrop's purity): summing them over ranks gives the global batch's."""
+        if self.communicator is None or self.communicator.world_size == 1:
+            return tensor
+        return self.communicator.all_reduce(tensor, op)
 
     def add_auxiliary_loss(self, loss: Tensor) -> None:
         """Add a scalar objective of a plugin's own learnable parameters (UW's ½·s, GradNorm's
