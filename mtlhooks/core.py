@@ -6,7 +6,7 @@ See :mod:`mtlhooks.hookspecs` for the hooks it fires and their order.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Protocol
@@ -114,6 +114,10 @@ class MTL:
     :param communicator: how to reach the other processes of a distributed run; default: the
         initialised ``torch.distributed`` world when it has several processes, else none.
         Pass ``False`` to keep every process on its own.
+    :param backward_fn: what runs the one weighted backward of a call (``total.backward()`` by
+        default). Frameworks that must see the backward pass give theirs (Lightning's
+        ``manual_backward``, a DeepSpeed engine's ``backward``); it receives the weighted total,
+        already multiplied by any ``loss_scale``, and must not scale it again.
 
     What every parameter receives: with per-task weights ``w`` (loss scaling and norm
     balancing) and aggregator weights ``α``, ``.grad += Σ_i α_i w_i ∇L_i`` for shared and
@@ -128,6 +132,7 @@ class MTL:
         shared: ParameterSource | None = None,
         last_shared: ParameterSource | None = None,
         communicator: Communicator | bool | None = None,
+        backward_fn: Callable[[Tensor], None] | None = None,
     ) -> None:
         self.config = load_config(config)
         self.tasks: tuple[str, ...] = self.config.tasks
@@ -167,6 +172,7 @@ class MTL:
                 else self.config.params_gramian
             ),
             module=space_module if isinstance(space_module, nn.Module) else None,
+            backward_fn=backward_fn,
         )
         self._manager = registry.new_plugin_manager()
         self._manager.register(_Core(self), name="mtlhooks.core")
@@ -185,9 +191,16 @@ class MTL:
         shared: ParameterSource | None = None,
         last_shared: ParameterSource | None = None,
         communicator: Communicator | bool | None = None,
+        backward_fn: Callable[[Tensor], None] | None = None,
     ) -> MTL:
         """Build from a config object, mapping or file; same arguments as the constructor."""
-        return cls(config, shared=shared, last_shared=last_shared, communicator=communicator)
+        return cls(
+            config,
+            shared=shared,
+            last_shared=last_shared,
+            communicator=communicator,
+            backward_fn=backward_fn,
+        )
 
     # -- construction -----------------------------------------------------------------------
 

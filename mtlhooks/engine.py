@@ -18,7 +18,7 @@ averages only the per-rank Gramians and leaves the weighted backward to DDP (app
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,8 +117,10 @@ class GradientEngine:
         exact_params: bool,
         layerwise_mode: str = "materialize",
         module: nn.Module | None = None,
+        backward_fn: Callable[[Tensor], None] | None = None,
     ) -> None:
         self.space = space
+        self.backward_fn = backward_fn
         self.named = list(shared if space is Space.PARAMS else last_shared)
         self.shared = list(shared)
         self.comm = (
@@ -295,7 +297,10 @@ class GradientEngine:
             for (leaf, _), grad in zip(found, averaged):
                 accumulate(leaf, grad)
             return
-        total.backward()
+        if self.backward_fn is None:
+            total.backward()
+        else:
+            self.backward_fn(total)
 
     def write_weighted(
         self,
