@@ -150,7 +150,13 @@ class MTL:
         # Space 'params' with sync: exact, between micro-steps of gradient accumulation.
         self._pending: tuple[PerTask, Tensor] | None = None
 
-        setup = Setup(tasks=self.tasks, space=self.space, seed=self.config.seed)
+        space_parameters = {Space.PARAMS: self._shared, Space.LAST_SHARED: self._last_shared}
+        setup = Setup(
+            tasks=self.tasks,
+            space=self.space,
+            seed=self.config.seed,
+            parameter_names=tuple(name for name, _ in space_parameters.get(self.space, [])),
+        )
         self.plugins: dict[str, Plugin] = {}
         for position, entry in enumerate(self.config.plugins):
             key = entry.name if entry.name not in self.plugins else f"{entry.name}#{position}"
@@ -612,6 +618,7 @@ class MTL:
             weights=None if coefficients is None else coefficients.detach().clone(),
             gramian=gradients.gramian.detach(),
             block_gramians=MappingProxyType(dict(zip(gradients.names, gradients.block_gramians))),
+            notes=tuple(step.notes),
             timings=timings,
         )
 

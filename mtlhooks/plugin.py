@@ -81,11 +81,15 @@ class NoOptions(PluginConfig):
 
 @dataclass(frozen=True)
 class Setup:
-    """What a plugin knows when it is built: the task names and the resolved gradient space."""
+    """What a plugin knows when it is built: the task names, the resolved gradient space and
+    the names of the space's parameter blocks (``report.block_gramians`` uses the same names;
+    empty in spaces ``none`` and ``features``), so options that name parameters are checked
+    at construction."""
 
     tasks: tuple[str, ...]
     space: Space
     seed: int
+    parameter_names: tuple[str, ...] = ()
 
     @property
     def num_tasks(self) -> int:

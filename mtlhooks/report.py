@@ -39,6 +39,9 @@ class StepReport:
     """A micro-step of gradient accumulation whose gradients wait for the ``sync=True`` call."""
     skipped: bool = False
     reason: str | None = None
+    notes: tuple[str, ...] = ()
+    """Remarks of plugins on this call (:meth:`mtlhooks.Step.note`): e.g. a method that met a
+    Pareto-stationary point and returned its documented update there."""
     timings: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     def grad_norms(self) -> Tensor | None:
@@ -59,6 +62,7 @@ class StepReport:
             "space": self.space.value,
             "skipped": self.skipped,
             "reason": self.reason,
+            "notes": list(self.notes),
             "losses": to_list(self.losses),
             "loss_weights": to_list(self.loss_weights),
             "weights": to_list(self.weights),

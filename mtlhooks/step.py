@@ -83,6 +83,8 @@ class Step:
     gradients: TaskGradients | None = None
     """Per-task gradients; ``None`` before the gradient stage and in space ``none``."""
     auxiliary_losses: list[Tensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Remarks of plugins on this call (``report.notes``), see :meth:`note`."""
     communicator: Communicator | None = None
     """The other processes of a data-parallel run (``None`` with one process)."""
 
@@ -93,6 +95,11 @@ class Step:
         if self.communicator is None or self.communicator.world_size == 1:
             return tensor
         return self.communicator.all_reduce(tensor, op)
+
+    def note(self, text: str) -> None:
+        """Record a remark on this call for the report (``report.notes``), e.g. that a method
+        met a point where its rule is undefined and returned its documented fallback update."""
+        self.notes.append(text)
 
     def add_auxiliary_loss(self, loss: Tensor) -> None:
         """Add a scalar objective of a plugin's own learnable parameters (UW's ½·s, GradNorm's
