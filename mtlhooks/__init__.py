@@ -8,8 +8,10 @@ from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.core import MTL
 from mtlhooks.errors import (
     ConfigError,
+    GradientError,
     InputError,
     MTLError,
+    MTLWarning,
     NonFiniteError,
     PluginError,
     SolverError,
@@ -22,9 +24,11 @@ __all__ = [
     "MTL",
     "ConfigError",
     "Family",
+    "GradientError",
     "InputError",
     "MTLConfig",
     "MTLError",
+    "MTLWarning",
     "Need",
     "NonFiniteError",
     "Plugin",

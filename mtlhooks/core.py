@@ -5,8 +5,11 @@ See :mod:`mtlhooks.hookspecs` for the hooks it fires and their order.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Protocol
@@ -14,14 +17,23 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtlhooks import registry
+from mtlhooks import hostsync, registry
 from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.distributed import Communicator, default_communicator
 from mtlhooks.engine import GradientEngine, PerTask
-from mtlhooks.errors import ConfigError, InputError, NonFiniteError, PluginError
+from mtlhooks.errors import (
+    ConfigError,
+    GradientError,
+    InputError,
+    MTLError,
+    MTLWarning,
+    NonFiniteError,
+    PluginError,
+)
 from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
 from mtlhooks.report import StepReport
 from mtlhooks.step import Step
+from mtlhooks.transaction import GradWrites, check_state, clone_tree
 
 ParameterSource = nn.Module | Iterable[Tensor]
 
@@ -61,6 +73,10 @@ def _last_layer(module: nn.Module) -> nn.Module:
     if last is None:  # pragma: no cover - _named_parameters already refused an empty module
         raise InputError("shared module has no parameter")
     return last
+
+
+_Snapshot = tuple[dict[str, Any], Tensor, "tuple[PerTask, Tensor] | None"]
+"""Plugin states, generator state and accumulation window from before a call."""
 
 
 class GradScalerLike(Protocol):
@@ -149,6 +165,8 @@ class MTL:
         self.communicator: Communicator | None = communicator or None
         # Space 'params' with sync: exact, between micro-steps of gradient accumulation.
         self._pending: tuple[PerTask, Tensor] | None = None
+        self._writes = GradWrites()
+        self._warned_features = False
 
         space_parameters = {Space.PARAMS: self._shared, Space.LAST_SHARED: self._last_shared}
         setup = Setup(
@@ -305,10 +323,33 @@ class MTL:
             loss_scale=_scale_tensor(loss_scale, ordered[0]),
             communicator=self._engine.comm,
         )
-        report: StepReport = self._manager.hook.mtl_backward(step=step)
+        # All or nothing (mtlhooks.transaction): until this call returns, every .grad it wrote,
+        # every plugin's state and the generator can be put back as they were.
+        before = self._snapshot()
+        self._writes = GradWrites()
+        try:
+            report: StepReport = self._manager.hook.mtl_backward(step=step)
+            if report.skipped:
+                # Nothing of a skipped step stays but the event itself (observers are told) and,
+                # at a synchronising call, the end of the accumulation window it discarded.
+                self._restore(before, keep_window=True)
+            self._manager.hook.mtl_observe(report=report)
+        except BaseException as error:
+            self._writes.rollback()
+            self._restore(before)
+            self._engine.discard()
+            if not isinstance(error, Exception) or isinstance(error, NonFiniteError):
+                raise
+            if not _all_finite_host(values):
+                # A plugin that choked on a NaN/inf loss: the loss is the cause, and the policy
+                # for it applies.
+                report = self._nonfinite(step, self._bad_losses(values), time.perf_counter())
+                self._manager.hook.mtl_observe(report=report)
+            else:
+                raise _translate(error) from error
+        self._writes.commit()
         self._index += 1
         self.last_report = report
-        self._manager.hook.mtl_observe(report=report)
         return report
 
     def after_step(self, losses: Mapping[str, Tensor]) -> None:
@@ -316,14 +357,44 @@ class MTL:
 
         Methods such as FAMO learn from the change of each loss over one step; call this after
         ``optimizer.step()`` with the losses of the same batch recomputed (under
-        ``torch.no_grad()`` is fine: only the values are used).
+        ``torch.no_grad()`` is fine: only the values are used). Non-finite losses are refused
+        (:class:`NonFiniteError`) and, like an error of a plugin, change nothing.
         """
         self._check_tasks(losses)
-        dtype = torch.promote_types(next(iter(losses.values())).dtype, torch.float32)
-        values = torch.stack([torch.as_tensor(losses[t]).detach().to(dtype) for t in self.tasks])
+        for name in self.tasks:
+            value = losses[name]
+            if not isinstance(value, (Tensor, int, float)) or isinstance(value, bool):
+                raise InputError(
+                    f"after_step: loss of task {name!r} is a {type(value).__name__}, not a "
+                    "tensor or a number"
+                )
+            if isinstance(value, Tensor) and value.numel() != 1:
+                raise InputError(
+                    f"after_step: loss of task {name!r} must be a scalar, got shape "
+                    f"{tuple(value.shape)}"
+                )
+        first = next(iter(losses.values()))
+        dtype = torch.promote_types(
+            first.dtype if isinstance(first, Tensor) else torch.float32, torch.float32
+        )
+        values = torch.stack(
+            [torch.as_tensor(losses[t]).detach().reshape(()).to(dtype) for t in self.tasks]
+        )
         if self.communicator is not None:
             values = self.communicator.all_reduce(values, "mean")
-        self._manager.hook.mtl_after_step(index=self._index, losses=values)
+        if not hostsync.host_flag(hostsync.all_finite([values])):
+            raise NonFiniteError(
+                f"after_step: {self._bad_losses(values)}; nothing was changed. Call it with the "
+                "finite losses of the batch after optimizer.step()"
+            )
+        before = self._snapshot()
+        try:
+            self._manager.hook.mtl_after_step(index=self._index, losses=values)
+        except BaseException as error:
+            self._restore(before)
+            if isinstance(error, Exception):
+                raise _translate(error) from error
+            raise
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Learnable parameters of the plugins (UW's log-variances, ...): give them to an
@@ -362,22 +433,43 @@ class MTL:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the config must have the same tasks and plugins."""
+        """Restore :meth:`state_dict`; the config must have the same tasks and plugins.
+
+        Everything is checked before anything is loaded (the version, the tasks, the plugins,
+        the step counter, the generator, and each plugin's keys, tensor shapes and dtypes); a
+        mismatch raises :class:`InputError` and changes nothing."""
+        if not isinstance(state, Mapping):
+            raise InputError(
+                f"expected the mapping of MTL.state_dict(), got {type(state).__name__}"
+            )
         if state.get("version") != 1:
             raise InputError(f"unknown mtlhooks state version {state.get('version')!r}")
+        missing = sorted({"tasks", "index", "generator", "plugins"} - set(state))
+        if missing:
+            raise InputError(f"mtlhooks state lacks {missing}: not a MTL.state_dict()")
         if tuple(state["tasks"]) != self.tasks:
             raise InputError(
                 f"state is for tasks {state['tasks']}, this MTL has {list(self.tasks)}"
             )
         saved = state["plugins"]
-        if set(saved) != set(self.plugins):
-            raise InputError(
-                f"state has plugins {sorted(saved)}, this MTL has {sorted(self.plugins)}"
-            )
+        if not isinstance(saved, Mapping) or set(saved) != set(self.plugins):
+            found = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            raise InputError(f"state has plugins {found}, this MTL has {sorted(self.plugins)}")
+        index = state["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise InputError(f"state index must be an integer >= 0, got {index!r}")
+        check_state(state["generator"], self.generator.get_state(), "generator")
         for key, plugin in self.plugins.items():
-            plugin.load_state_dict(saved[key])
-        self._index = int(state["index"])
-        self.generator.set_state(state["generator"])
+            check_state(saved[key], plugin.state_dict(), f"plugin {key!r}")
+        before = self._snapshot()
+        try:
+            for key, plugin in self.plugins.items():
+                plugin.load_state_dict(clone_tree(saved[key]))
+            self.generator.set_state(state["generator"])
+        except Exception as error:
+            self._restore(before)
+            raise InputError(f"cannot load the saved state: {error}; nothing was loaded") from error
+        self._index = index
         self._pending = None
 
     def close(self) -> None:
@@ -432,22 +524,48 @@ class MTL:
                     f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}; "
                     "reduce it (e.g. .mean()) first"
                 )
+            if not loss.is_floating_point():
+                raise InputError(
+                    f"loss of task {name!r} has dtype {loss.dtype}: a loss must be a floating "
+                    "point tensor computed from the model's output (an integer or boolean "
+                    "tensor has no gradient; compute the loss in float)"
+                )
             if not loss.requires_grad:
                 raise InputError(
                     f"loss of task {name!r} has no graph (requires_grad=False): compute it from "
                     "the model's output without torch.no_grad() or .detach()"
                 )
-            if not loss.is_floating_point():
-                raise InputError(f"loss of task {name!r} has non-float dtype {loss.dtype}")
+            if loss.grad_fn is None:
+                raise InputError(
+                    f"loss of task {name!r} is a leaf tensor, connected to no parameter: it "
+                    "must be computed from the model's output (a tensor created with "
+                    "requires_grad=True is not a loss of the model)"
+                )
             ordered.append(loss)
         if self.space is Space.FEATURES:
             if features is None:
+                hint = ""
+                if self.config.space == "auto" and not self._shared:
+                    hint = (
+                        " (space 'auto' chose 'features' because MTL got no shared=; pass "
+                        "shared=model.encoder to MTL to take per-task gradients of the shared "
+                        "parameters, space 'params', instead)"
+                    )
                 raise InputError(
                     "gradient space 'features' needs the shared representation: call "
-                    "mtl.backward(losses, features=z) with z the trunk's output"
+                    f"mtl.backward(losses, features=z) with z the trunk's output{hint}"
                 )
             if not (isinstance(features, Tensor) and features.requires_grad):
                 raise InputError("features= must be a tensor in the graph (requires_grad=True)")
+        elif features is not None and not self._warned_features:
+            self._warned_features = True
+            warnings.warn(
+                f"features= is ignored: the gradient space is {self.space.value!r}, not "
+                "'features' (set space: features in the config to take the per-task gradients "
+                "at z, or stop passing features=)",
+                MTLWarning,
+                stacklevel=3,
+            )
         return tuple(ordered)
 
     def _report(self, step: Step, start: float, **fields: Any) -> StepReport:
@@ -469,19 +587,44 @@ class MTL:
         )
 
     def _nonfinite(self, step: Step, what: str, start: float) -> StepReport:
+        """Follow ``on_nonfinite`` for a call found non-finite: nothing it wrote stays."""
+        self._writes.rollback()
         self._engine.discard()
-        if step.sync:
-            # The optimizer step is skipped: the window's earlier micro-steps go with it.
-            self._pending = None
         if self.config.on_nonfinite == "raise":
             raise NonFiniteError(
                 f"{what} at step {step.index}; nothing was written. Set on_nonfinite: skip to "
                 "skip such steps instead"
             )
+        if step.sync:
+            # The optimizer step is skipped: the window's earlier micro-steps go with it.
+            self._pending = None
         gramian = None if step.gradients is None else step.gradients.gramian.detach().clone()
         return self._report(
             step, start, losses=step.losses.clone(), gramian=gramian, skipped=True, reason=what
         )
+
+    def _bad_losses(self, values: Tensor) -> str:
+        bad = [t for t, v in zip(self.tasks, values.tolist()) if not math.isfinite(v)]
+        return f"non-finite loss for task(s) {bad}"
+
+    def _bad_gradients(self) -> str:
+        """Which written gradients are non-finite (failure path: reads every one)."""
+        names = {id(p): name for name, p in self._shared}
+        shared, specific = [], []
+        for tensor in self._writes.tensors():
+            grad = tensor.grad
+            if grad is None or bool(torch.isfinite(grad).all()):
+                continue
+            if id(tensor) in names:
+                shared.append(names[id(tensor)])
+            else:
+                specific.append(tuple(tensor.shape))
+        parts = []
+        if shared:
+            parts.append(f"shared parameter(s) {shared}")
+        if specific:
+            parts.append(f"{len(specific)} task-specific tensor(s) of shape(s) {specific}")
+        return "non-finite gradient in " + (" and ".join(parts) or "a written tensor")
 
     def _checked_weights(self, weights: object, stage: str) -> Tensor:
         if not isinstance(weights, Tensor) or weights.shape != (len(self.tasks),):
@@ -498,7 +641,8 @@ class MTL:
 
     @staticmethod
     def _check_finite_weights(weights: Tensor, stage: str) -> None:
-        if not bool(torch.isfinite(weights).all()):
+        """Host tensors only (no device sync)."""
+        if not _all_finite_host(weights):
             raise PluginError(
                 f"{stage} produced non-finite weights {weights.tolist()}; nothing was written"
             )
@@ -517,43 +661,50 @@ class MTL:
             return True
         return any(plugin.wants_gradients(index) for plugin in self._gradient_plugins)
 
+    def _written_finite(self, step: Step, extra: list[Tensor]) -> bool:
+        """The one host sync after writing: ``extra`` and, without a loss scale (whose
+        GradScaler checks the gradients itself), every gradient this call wrote."""
+        tensors = list(extra)
+        if step.loss_scale is None:
+            tensors += self._writes.written()
+        return hostsync.host_flag(hostsync.all_finite(tensors))
+
     def _run(self, step: Step) -> StepReport:
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        if not bool(torch.isfinite(step.losses).all()):
-            bad = [
-                t
-                for t, v in zip(self.tasks, step.losses.tolist())
-                if v != v or abs(v) == float("inf")
-            ]
-            return self._nonfinite(step, f"non-finite loss for task(s) {bad}", start)
         engine, hooks, scale = self._engine, self._manager.hook, step.loss_scale
+        writes = self._writes
         wanted = self._wants_gradients(step.index)
 
         per_task: PerTask | None = None
         if wanted and engine.writes_directly and (not step.sync or self._pending is not None):
             mark = time.perf_counter()
             current = engine.compute(step.loss_tensors, step.features, scale, accumulating=True)
-            if self._pending is None:
-                self._pending = (current, step.losses.clone())
-            else:
-                self._pending[0].add(current)
-                self._pending = (self._pending[0], self._pending[1] + step.losses)
             timings["task_gradients"] = time.perf_counter() - mark
+            if not step.sync and not hostsync.host_flag(hostsync.all_finite([step.losses])):
+                return self._nonfinite(step, self._bad_losses(step.losses), start)
+            # The window so far is never changed in place: a failing call leaves it as it was.
+            window_losses = step.losses
+            if self._pending is not None:
+                current.add(self._pending[0])
+                window_losses = self._pending[1] + step.losses
             if not step.sync:
+                self._pending = (current, window_losses)
                 return self._report(step, start, accumulating=True, timings=timings)
-            per_task, step.losses = self._pending
+            per_task, step.losses = current, window_losses
             self._pending = None
 
         if not wanted:
             loss_weights = self._scale_losses(step, timings)
             mark = time.perf_counter()
-            self._check_finite_weights(step.weights, "loss scaling")
             engine.discard()  # layer records of this forward are not needed
             # Without loss scaling the weights are all one: a plain sum, as cheap as by hand.
             weights = step.weights if self._has_scaling else None
-            engine.weighted_backward(step.loss_tensors, weights, scale)
-            self._backward_auxiliary(step)
+            engine.weighted_backward(
+                step.loss_tensors, weights, scale, auxiliary=step.auxiliary_losses, writes=writes
+            )
+            if not self._written_finite(step, [step.losses, step.weights]):
+                return self._after_nonfinite_write(step, start)
             timings["backward"] = time.perf_counter() - mark
             return self._report(
                 step,
@@ -570,18 +721,28 @@ class MTL:
         gradients = engine.gradients(per_task, scale)
         step.gradients = gradients
         timings["task_gradients"] = timings.get("task_gradients", 0.0) + time.perf_counter() - mark
-        if not bool(torch.isfinite(gradients.gramian).all()):
+
+        # Loss scaling runs on the device, before the copy to the host, so that one copy carries
+        # the losses, their weights and the Gramian.
+        device_weights = self._scale_losses(step, timings)
+        # The one copy to the host: losses, loss weights and the Gramian. Norm balancing and
+        # aggregation then run on the host (a solver's loop never waits for the device).
+        losses, weights, gramian = _to_host(step.losses, step.weights, gradients.gramian)
+        if not _all_finite_host(gramian) or not _all_finite_host(losses):
+            if not _all_finite_host(losses):
+                return self._nonfinite(step, self._bad_losses(losses), start)
             if scale is None:
                 return self._nonfinite(step, "non-finite task gradients (Gramian)", start)
             # Mixed precision overflow: write the gradients as they are so the GradScaler sees
             # the inf, skips the optimizer step and lowers its scale.
-            engine.write_weighted(step.loss_tensors, per_task, step.weights, scale)
+            engine.write_weighted(step.loss_tensors, per_task, device_weights, scale, writes=writes)
             reason = "non-finite task gradients under loss scaling: left for the GradScaler"
-            return self._report(step, start, gramian=gradients.gramian, skipped=True, reason=reason)
+            return self._report(step, start, gramian=gramian, skipped=True, reason=reason)
+        self._check_finite_weights(weights, "loss scaling")
+        step.losses, step.weights = losses, weights
+        step.gradients = replace(gradients, gramian=gramian)
+        loss_weights = weights.clone()
 
-        # Loss scaling runs once the gradients are known to be finite, so that a skipped step
-        # leaves stateful plugins (DWA's history, SLAW's moments) untouched.
-        loss_weights = self._scale_losses(step, timings)
         mark = time.perf_counter()
         hooks.mtl_balance(step=step)
         step.weights = self._checked_weights(step.weights, "norm balancing")
@@ -593,36 +754,134 @@ class MTL:
         timings["aggregate"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        weights = step.weights.to(gradients.gramian.dtype)
+        weights = step.weights.to(gramian.dtype)
+        self._check_finite_weights(weights, "norm balancing")
+        device = step.loss_tensors[0].device
         coefficients: Tensor | None
         if combined is not None:
             coefficients = None
-            self._check_finite_weights(torch.cat([weights, combined.reshape(-1)]), "aggregation")
             engine.write_combined(
-                step.loss_tensors, per_task, step.features, combined, weights, scale
+                step.loss_tensors,
+                per_task,
+                step.features,
+                combined,
+                weights.to(device),
+                scale,
+                auxiliary=step.auxiliary_losses,
+                writes=writes,
             )
+            checked = [combined.reshape(-1)]
         else:
             if alphas is None:
                 coefficients = weights
             else:
                 alphas = self._checked_weights(alphas, "aggregation")
-                coefficients = alphas.to(weights.dtype) * weights
+                coefficients = alphas.to(weights.device, weights.dtype) * weights
             self._check_finite_weights(coefficients, "aggregation")
-            engine.write_weighted(step.loss_tensors, per_task, coefficients, scale)
-        self._backward_auxiliary(step)
+            engine.write_weighted(
+                step.loss_tensors,
+                per_task,
+                coefficients.to(device),
+                scale,
+                auxiliary=step.auxiliary_losses,
+                writes=writes,
+            )
+            checked = []
+        if not self._written_finite(step, checked):
+            return self._after_nonfinite_write(step, start)
         timings["write"] = time.perf_counter() - mark
         return self._report(
             step,
             start,
             loss_weights=loss_weights,
             weights=None if coefficients is None else coefficients.detach().clone(),
-            gramian=gradients.gramian.detach(),
+            gramian=gramian,
             block_gramians=MappingProxyType(dict(zip(gradients.names, gradients.block_gramians))),
             notes=tuple(step.notes),
             timings=timings,
         )
 
-    @staticmethod
-    def _backward_auxiliary(step: Step) -> None:
-        if step.auxiliary_losses:
-            torch.stack(step.auxiliary_losses).sum().backward()
+    def _after_nonfinite_write(self, step: Step, start: float) -> StepReport:
+        """The written gradients (or the losses or weights checked with them) are not finite:
+        find out which (this path may read the device freely) and follow the policy."""
+        if not _all_finite_host(step.losses):
+            return self._nonfinite(step, self._bad_losses(step.losses), start)
+        if not _all_finite_host(step.weights):
+            self._writes.rollback()
+            raise PluginError(
+                f"loss scaling produced non-finite weights {step.weights.tolist()}; nothing "
+                "was written"
+            )
+        return self._nonfinite(step, self._bad_gradients(), start)
+
+    def _snapshot(self) -> _Snapshot:
+        states = {key: clone_tree(plugin.state_dict()) for key, plugin in self.plugins.items()}
+        return states, self.generator.get_state(), self._pending
+
+    def _restore(self, snapshot: _Snapshot, *, keep_window: bool = False) -> None:
+        states, generator, pending = snapshot
+        for key, plugin in self.plugins.items():
+            plugin.load_state_dict(states[key])
+        self.generator.set_state(generator)
+        if not keep_window:
+            self._pending = pending
+
+
+def _all_finite_host(tensor: Tensor) -> bool:
+    """For host tensors (or a failure path): a plain check."""
+    return bool(torch.isfinite(tensor).all())
+
+
+def _to_host(losses: Tensor, weights: Tensor, gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One copy to the host of the losses, the loss weights and the Gramian (each keeps its
+    dtype)."""
+    dtype = torch.promote_types(torch.promote_types(losses.dtype, weights.dtype), gramian.dtype)
+    device = gramian.device
+    packed = torch.cat(
+        [
+            losses.to(device, dtype).reshape(-1),
+            weights.to(device, dtype).reshape(-1),
+            gramian.to(dtype).reshape(-1),
+        ]
+    )
+    host = hostsync.to_host(packed)
+    count = losses.numel()
+    return (
+        host[:count].to(losses.dtype),
+        host[count : 2 * count].to(weights.dtype),
+        host[2 * count :].reshape(gramian.shape).to(gramian.dtype),
+    )
+
+
+_KNOWN_AUTOGRAD_ERRORS = (
+    (
+        "backward through the graph a second time",
+        "the losses' graph was already used and freed: mtl.backward() (or loss.backward()) ran "
+        "twice on the same forward pass. Run a new forward pass for every backward() call",
+    ),
+    (
+        "modified by an inplace operation",
+        "a tensor the backward pass needs was changed in place after the forward (e.g. an "
+        "optimizer step or an in-place op between the forward and mtl.backward())",
+    ),
+)
+
+
+def _translate(error: Exception) -> Exception:
+    """The error to raise for one from inside the pipeline: ours as they are; torch's and
+    others' wrapped in an :class:`MTLError` that says what to change."""
+    if isinstance(error, (MTLError, torch.OutOfMemoryError)):
+        return error
+    text = str(error)
+    for pattern, explanation in _KNOWN_AUTOGRAD_ERRORS:
+        if pattern in text:
+            return InputError(f"{explanation} (torch: {text.splitlines()[0]})")
+    if isinstance(error, RuntimeError):
+        return GradientError(
+            "mtl.backward() failed inside torch while taking or writing gradients: "
+            f"{type(error).__name__}: {text}. Nothing was written"
+        )
+    return PluginError(
+        f"a hook of mtl.backward() raised {type(error).__name__}: {text}. Nothing was written "
+        "(see the chained traceback for the plugin)"
+    )

@@ -29,6 +29,7 @@ from mtlhooks.distributed import Communicator
 from mtlhooks.errors import InputError, PluginError
 from mtlhooks.plugin import Space
 from mtlhooks.step import TaskGradients
+from mtlhooks.transaction import GradWrites
 
 NamedParameters = Sequence[tuple[str, Tensor]]
 
@@ -275,15 +276,33 @@ class GradientEngine:
         return TaskGradients(self.space, gradients.names, blocks, parts, total)
 
     # -- writing ----------------------------------------------------------------------------------
+    #
+    # Every write goes through a GradWrites record, so that the pipeline can put every .grad back
+    # as it was when the call fails or is skipped after writing (see mtlhooks.transaction).
 
     def weighted_backward(
-        self, losses: Sequence[Tensor], weights: Tensor | None, scale: Tensor | None
+        self,
+        losses: Sequence[Tensor],
+        weights: Tensor | None,
+        scale: Tensor | None,
+        *,
+        auxiliary: Sequence[Tensor] = (),
+        writes: GradWrites,
     ) -> None:
-        """One backward of ``Σ wᵢLᵢ`` (``Σ Lᵢ`` when ``weights`` is None), times ``scale``."""
+        """One backward of ``Σ wᵢLᵢ`` (``Σ Lᵢ`` when ``weights`` is None) plus the plugins'
+        auxiliary objectives, times ``scale``.
+
+        The auxiliary objectives (of plugin parameters only) ride along in the same backward, so
+        under a loss scale their gradients are scaled like the model's and a GradScaler unscales
+        them correctly when they are in its optimizer."""
         if weights is None:
             total = losses[0] if len(losses) == 1 else torch.stack(list(losses)).sum()
         else:
-            total = (torch.stack(list(losses)) * weights.to(losses[0].dtype)).sum()
+            total = (
+                torch.stack(list(losses)) * weights.to(losses[0].device, losses[0].dtype)
+            ).sum()
+        if auxiliary:
+            total = total + torch.stack(list(auxiliary)).sum().to(total.dtype)
         if scale is not None:
             total = total * scale.to(total.dtype)
         if self.writes_directly and self.comm is not None:
@@ -295,12 +314,25 @@ class GradientEngine:
             found = [(leaf, g) for leaf, g in zip(leaves, grads) if g is not None]
             averaged = _flat_all_reduce(self.comm, [g for _, g in found], "mean")
             for (leaf, _), grad in zip(found, averaged):
+                writes.record([leaf])
                 accumulate(leaf, grad)
             return
+        writes.record(graph_leaves(total, set()))
         if self.backward_fn is None:
             total.backward()
         else:
             self.backward_fn(total)
+
+    def _auxiliary_backward(
+        self, auxiliary: Sequence[Tensor], scale: Tensor | None, writes: GradWrites
+    ) -> None:
+        if not auxiliary:
+            return
+        total = torch.stack(list(auxiliary)).sum()
+        if scale is not None:
+            total = total * scale.to(total.dtype)
+        writes.record(graph_leaves(total, set()))
+        total.backward()
 
     def write_weighted(
         self,
@@ -308,16 +340,22 @@ class GradientEngine:
         per_task: PerTask,
         coefficients: Tensor,
         scale: Tensor | None,
+        *,
+        auxiliary: Sequence[Tensor] = (),
+        writes: GradWrites,
     ) -> None:
-        """``.grad += Σ cᵢ ∇Lᵢ`` on every parameter."""
+        """``.grad += Σ cᵢ ∇Lᵢ`` on every parameter (and the auxiliary objectives' gradients)."""
         if not (self.writes_directly and per_task.materialized):
             # The gradient of Σ cᵢLᵢ is Σ cᵢ∇Lᵢ everywhere (chain rule): one backward writes
             # shared and task-specific parameters alike.
-            self.weighted_backward(losses, coefficients, scale)
+            self.weighted_backward(losses, coefficients, scale, auxiliary=auxiliary, writes=writes)
             return
         for (_, p), block in zip(self.shared, per_task.blocks):
-            accumulate(p, coefficients.to(block.dtype) @ block)
-        self._write_task_specific(per_task, coefficients)
+            update = coefficients.to(block.device, block.dtype) @ block
+            writes.record([p])
+            accumulate(p, update)
+        self._write_task_specific(per_task, coefficients, writes)
+        self._auxiliary_backward(auxiliary, scale, writes)
 
     def write_combined(
         self,
@@ -327,6 +365,9 @@ class GradientEngine:
         combined: Tensor,
         weights: Tensor,
         scale: Tensor | None,
+        *,
+        auxiliary: Sequence[Tensor] = (),
+        writes: GradWrites,
     ) -> None:
         """Shared part: ``combined`` (a coordinate-wise aggregation); the rest: ``Σ wᵢ∇Lᵢ``."""
         width = sum(block.shape[1] for block in per_task.blocks)
@@ -337,10 +378,10 @@ class GradientEngine:
         if self.space is Space.FEATURES:
             assert features is not None
             # Already in the units of the (scaled) per-task gradients it was combined from.
-            replacement = combined.reshape(features.shape).to(features.dtype)
+            replacement = combined.reshape(features.shape).to(features.device, features.dtype)
             handle = features.register_hook(lambda _grad: replacement)
             try:
-                self.weighted_backward(losses, weights, scale)
+                self.weighted_backward(losses, weights, scale, auxiliary=auxiliary, writes=writes)
             finally:
                 handle.remove()
             return
@@ -348,20 +389,24 @@ class GradientEngine:
             offset = 0
             for (_, p), block in zip(self.shared, per_task.blocks):
                 size = block.shape[1]
-                accumulate(p, combined[offset : offset + size])
+                writes.record([p])
+                accumulate(p, combined[offset : offset + size].to(block.device))
                 offset += size
-            self._write_task_specific(per_task, weights)
+            self._write_task_specific(per_task, weights, writes)
+            self._auxiliary_backward(auxiliary, scale, writes)
             return
         raise PluginError(
             "coordinate-wise aggregation is defined in spaces 'features' and 'params' "
             f"(sync: exact), not {self.space.value!r}"
         )
 
-    def _write_task_specific(self, per_task: PerTask, coefficients: Tensor) -> None:
+    def _write_task_specific(
+        self, per_task: PerTask, coefficients: Tensor, writes: GradWrites
+    ) -> None:
         totals: dict[int, Tensor] = {}
         for c, grads in zip(coefficients, per_task.extras):
             for key, grad in grads.items():
-                term = grad * c.to(grad.dtype)
+                term = grad * c.to(grad.device, grad.dtype)
                 totals[key] = term if key not in totals else totals[key] + term
         keys = list(totals)
         values = [totals[k] for k in keys]
@@ -369,7 +414,9 @@ class GradientEngine:
             # Same graph on every rank, so the same leaves in the same order.
             values = _flat_all_reduce(self.comm, values, "mean")
         for key, value in zip(keys, values):
-            accumulate(self._leaves[key], value)
+            leaf = self._leaves[key]
+            writes.record([leaf])
+            accumulate(leaf, value)
         self._leaves.clear()
 
     def close(self) -> None:

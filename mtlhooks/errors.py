@@ -27,5 +27,15 @@ class SolverError(MTLError, RuntimeError):
     """A numerical solver did not converge; the result is never silently replaced."""
 
 
+class GradientError(MTLError, RuntimeError):
+    """torch failed while mtlhooks took or wrote gradients (the message quotes torch's error);
+    nothing was written."""
+
+
+class MTLWarning(UserWarning):
+    """Something mtlhooks does differently from what the call seems to ask (e.g. ``features=``
+    passed in a space that does not use it)."""
+
+
 class PluginError(MTLError, RuntimeError):
     """A plugin could not be found, loaded or registered, or it broke the hook contract."""

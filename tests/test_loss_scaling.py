@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtlhooks import MTL, InputError, Plugin, Setup, Space, Step, registry
+from mtlhooks import MTL, InputError, NonFiniteError, Plugin, Setup, Space, Step, registry
 
 TASKS = ("a", "b", "c")
 LOSS_SCALING = ("uncertainty", "uw_so", "dwa", "rlw", "gls", "imtl_l", "slaw", "famo")
@@ -534,7 +534,9 @@ def test_famo_after_step_goes_through_the_pipeline_and_skipped_steps_teach_nothi
     _, losses = problem.losses()
     losses["b"] = losses["b"] * float("nan")
     assert mtl.backward(losses).skipped
-    mtl.after_step({t: v.detach() for t, v in losses.items()})  # no-op after a skipped step
+    with pytest.raises(NonFiniteError):  # non-finite losses are refused, and change nothing
+        mtl.after_step({t: v.detach() for t, v in losses.items()})
+    mtl.after_step({t: v.detach() for t, v in problem.losses()[1].items()})  # no-op after a skip
     assert torch.equal(plugin.task_weights(), z)
     mtl.backward(problem.losses()[1])  # no pending record left by the skipped step
 

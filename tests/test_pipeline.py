@@ -430,16 +430,27 @@ def test_report_is_read_only(problem):
     assert report.as_dict()["space"] == "last_shared"
 
 
-def test_skipped_gradient_step_never_reaches_loss_scaling(problem, registered):
-    calls: list[int] = []
+def test_skipped_gradient_step_leaves_loss_scaling_state_unchanged(problem, registered):
+    """Loss scaling runs on the device before the Gramian is checked (one host copy carries
+    both); a step found non-finite afterwards puts the plugin's state back."""
 
     class Counting(Plugin):
         name = "test_counting"
         family = Family.LOSS_SCALING
 
+        def __init__(self, config, setup):
+            super().__init__(config, setup)
+            self.calls: list[int] = []
+
         @hookimpl
         def mtl_scale_losses(self, step: Step) -> None:
-            calls.append(step.index)
+            self.calls.append(step.index)
+
+        def state_dict(self):
+            return {"calls": list(self.calls)}
+
+        def load_state_dict(self, state):
+            self.calls = list(state["calls"])
 
     registered(Counting)
     mtl = MTL(
@@ -449,9 +460,10 @@ def test_skipped_gradient_step_never_reaches_loss_scaling(problem, registered):
     z, losses = problem.losses()
     z.register_hook(lambda g: g * float("inf"))
     assert mtl.backward(losses).skipped
+    assert mtl.plugins["test_counting"].calls == []
     _, losses = problem.losses()
     assert not mtl.backward(losses).skipped
-    assert calls == [1]
+    assert mtl.plugins["test_counting"].calls == [1]
 
 
 def test_observers_do_not_change_the_space(problem):

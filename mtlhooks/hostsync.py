@@ -1,0 +1,98 @@
+"""The points where one ``backward()`` call waits for the device: its host-sync budget.
+
+On CUDA every read of a device value by the host (``bool(t)``, ``t.item()``, ``t.cpu()``)
+stalls the host until the queued kernels have run. The pipeline does that in exactly these
+places, all through this module, so they can be counted (and tested, on CPU as on CUDA):
+
+- space ``none`` (and every call that takes no per-task gradient): **one**, the finiteness
+  check of the losses, the loss weights and the written gradients together (skipped only under
+  a ``loss_scale``, whose GradScaler checks the gradients itself, and then it checks the
+  losses and weights alone);
+- a call that takes per-task gradients: **two**, one copy of the T×T Gramian, the losses and
+  the loss weights to the host (the norm-balancing and aggregation stages then run on the host:
+  a solver's loop never waits for the device), and the finiteness check of what was written;
+- an accumulation micro-step of space ``params`` (``sync=False``): **one**, the finiteness check
+  of its losses.
+
+Failure paths (a non-finite value found, an error) may read more to say what went wrong. Plugins
+that read device values themselves add their own waits (a loss-scaling plugin runs on the
+device, before the first of these points).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+_local = threading.local()
+
+
+def _count() -> None:
+    _local.count = getattr(_local, "count", 0) + 1
+
+
+def host_flag(flag: Tensor) -> bool:
+    """Read a device-side boolean: one host sync."""
+    _count()
+    return bool(flag)
+
+
+def to_host(tensor: Tensor) -> Tensor:
+    """A detached CPU copy of ``tensor`` (the tensor itself when already on the CPU): one host
+    sync on an accelerator."""
+    _count()
+    return tensor.detach().to("cpu")
+
+
+def count() -> int:
+    """How many host syncs the pipeline made on this thread so far."""
+    return int(getattr(_local, "count", 0))
+
+
+@contextmanager
+def counting() -> Iterator[list[int]]:
+    """``with counting() as syncs:`` ... then ``syncs[0]`` is the number of host syncs the
+    pipeline made inside the block (on this thread)."""
+    result = [0]
+    start = count()
+    try:
+        yield result
+    finally:
+        result[0] = count() - start
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """One device-side flag, True when every entry of every tensor is finite; no host sync.
+
+    Large tensors (gradients) go through the fused kernel GradScaler uses to look for infs (one
+    launch per device and dtype, reading each tensor once; it multiplies by 1 in place, which
+    changes no value); small ones (losses, weights) and tensors that cannot be written in place
+    through ``isfinite``.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    small: list[Tensor] = []
+    for tensor in tensors:
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if tensor.numel() <= _SMALL or not tensor.is_contiguous():
+            small.append(tensor)
+        else:
+            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    flags = [torch.isfinite(t).all() for t in small]
+    for (device, _), group in groups.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
+        flags.append(found.reshape(()) == 0)
+    if not flags:
+        return torch.ones((), dtype=torch.bool)
+    if len(flags) == 1:
+        return flags[0]
+    first = flags[0].device
+    return torch.stack([flag.to(first) for flag in flags]).all()
+
+
+_SMALL = 4096

@@ -1,0 +1,132 @@
+"""All or nothing: what lets one ``backward()`` call complete or change nothing.
+
+Two kinds of change happen in a call, and both can be undone until the call returns:
+
+- **``.grad`` writes** (:class:`GradWrites`): before the first write to a tensor's ``.grad``
+  the tensor's gradient is remembered (``None``, or a copy when it already holds gradients,
+  e.g. of earlier accumulation micro-steps); :meth:`GradWrites.rollback` puts every one back
+  bit for bit. Copies are made only of gradients that exist, so a call after
+  ``zero_grad(set_to_none=True)`` copies nothing.
+- **plugin state and the generator** (:func:`clone_tree`): the pipeline keeps a deep copy of
+  every plugin's ``state_dict()`` and of the generator's state from before the call, and loads
+  it back when the call raises or skips.
+
+:func:`check_state` compares a state loaded from disk with the structure a plugin has now
+(keys, tensor shapes and dtypes), so a mismatch is refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtlhooks.errors import InputError
+
+
+def clone_tree(value: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are cloned (detached) and whose other
+    mutable leaves are deep-copied, so later in-place changes of the original never reach it."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {key: clone_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [clone_tree(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(clone_tree(item) for item in value)
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    return copy.deepcopy(value)
+
+
+def check_state(saved: Any, current: Any, where: str) -> None:
+    """Raise :class:`InputError` when ``saved`` cannot be the state of something whose state is
+    ``current`` now: other keys, a tensor of another shape or dtype, a tensor where a number
+    was (or the reverse). ``None`` on either side and an empty mapping now are accepted (state
+    not yet initialised), and lists may differ in length (histories grow)."""
+    if saved is None or current is None:
+        return
+    if isinstance(current, Tensor) or isinstance(saved, Tensor):
+        if not (isinstance(current, Tensor) and isinstance(saved, Tensor)):
+            raise InputError(
+                f"{where}: expected {_describe(current)}, the saved state has {_describe(saved)}"
+            )
+        if saved.shape != current.shape or saved.dtype != current.dtype:
+            raise InputError(
+                f"{where}: expected {_describe(current)}, the saved state has {_describe(saved)}"
+                " (saved with other tasks or options?)"
+            )
+        return
+    if isinstance(current, Mapping):
+        if not isinstance(saved, Mapping):
+            raise InputError(f"{where}: expected a mapping, the saved state has {_describe(saved)}")
+        if not current:
+            return  # filled as the run goes (an optimizer's per-parameter state)
+        if set(saved) != set(current):
+            missing = sorted(map(str, set(current) - set(saved)))
+            unknown = sorted(map(str, set(saved) - set(current)))
+            raise InputError(
+                f"{where}: the saved state's keys differ; missing {missing}, unknown {unknown}"
+            )
+        for key in current:
+            check_state(saved[key], current[key], f"{where}.{key}")
+        return
+    if isinstance(current, (list, tuple)):
+        if not isinstance(saved, (list, tuple)):
+            raise InputError(f"{where}: expected a list, the saved state has {_describe(saved)}")
+        for position, (mine, theirs) in enumerate(zip(saved, current)):
+            check_state(mine, theirs, f"{where}[{position}]")
+        return
+    numbers = (bool, int, float)
+    if isinstance(current, numbers) != isinstance(saved, numbers):
+        raise InputError(
+            f"{where}: expected {_describe(current)}, the saved state has {_describe(saved)}"
+        )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+class GradWrites:
+    """The ``.grad`` writes of one call, undoable until the call returns."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+
+    def record(self, tensors: Iterable[Tensor]) -> None:
+        """Remember the gradients of ``tensors`` before they are written (first time only)."""
+        for tensor in tensors:
+            key = id(tensor)
+            if key in self._before:
+                continue
+            grad = tensor.grad
+            saved = None if grad is None else grad.detach().clone()
+            self._before[key] = (tensor, grad, saved)
+
+    def tensors(self) -> list[Tensor]:
+        """Every recorded tensor (whose ``.grad`` this call wrote or may have written)."""
+        return [t for t, _, _ in self._before.values()]
+
+    def written(self) -> list[Tensor]:
+        """The current gradients of every recorded tensor (those that have one)."""
+        return [t.grad for t, _, _ in self._before.values() if t.grad is not None]
+
+    def rollback(self) -> None:
+        """Put every recorded gradient back as it was (the same tensor object, same values)."""
+        with torch.no_grad():
+            for tensor, grad, saved in self._before.values():
+                if grad is not None and saved is not None:
+                    grad.copy_(saved)
+                tensor.grad = grad
+        self._before.clear()
+
+    def commit(self) -> None:
+        """Keep the writes; forget the copies."""
+        self._before.clear()

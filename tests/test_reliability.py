@@ -1,0 +1,427 @@
+"""A step completes or changes nothing: non-finite gradients never reach ``.grad``, a failing
+call leaves every plugin's state, the generator and ``.grad`` as they were, and errors are ours.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtlhooks import (
+    MTL,
+    Family,
+    GradientError,
+    InputError,
+    MTLError,
+    MTLWarning,
+    NonFiniteError,
+    Plugin,
+    PluginError,
+    Space,
+    Step,
+    hookimpl,
+    hostsync,
+    registry,
+)
+from mtlhooks.report import StepReport
+
+# (space, params_gramian) of every way the pipeline can write gradients.
+WRITE_PATHS = [
+    ("none", "auto"),
+    ("features", "auto"),
+    ("last_shared", "materialize"),
+    ("last_shared", "layerwise"),
+    ("params", "materialize"),
+    ("params", "layerwise"),
+]
+
+
+def _mtl(problem, space: str, gramian: str = "auto", policy: str = "raise", **extra) -> MTL:
+    plugins = [] if space == "none" else ["mgda"]
+    config = {
+        "tasks": problem.tasks,
+        "space": space,
+        "plugins": extra.pop("plugins", plugins),
+        "params_gramian": gramian,
+        "on_nonfinite": policy,
+        **extra,
+    }
+    return MTL(config, shared=problem.model.encoder)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same_grads(model, before: dict[str, torch.Tensor | None]) -> None:
+    for name, p in model.named_parameters():
+        if before[name] is None:
+            assert p.grad is None, f"{name} received a gradient"
+        else:
+            assert p.grad is not None and torch.equal(p.grad, before[name]), name
+
+
+def _poison(parameter: torch.Tensor, value: float = float("nan")) -> Any:
+    """Make the gradient of ``parameter`` non-finite while every loss stays finite."""
+    return parameter.register_hook(lambda g: g * value)
+
+
+def _backward(mtl: MTL, problem, **kwargs) -> StepReport:
+    z, losses = problem.losses()
+    features = z if mtl.space is Space.FEATURES else None
+    return mtl.backward(losses, features=features, **kwargs)
+
+
+# -- 1. non-finite gradients ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["shared", "task_specific"])
+@pytest.mark.parametrize("accumulating", [False, True], ids=["fresh", "accumulating"])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize(("space", "gramian"), WRITE_PATHS)
+def test_nonfinite_gradient_never_reaches_grad(
+    problem, space, gramian, policy, accumulating, where
+):
+    """A finite loss whose gradient is NaN (here: in the first shared layer, or in one head)
+    is refused or skipped in every space, and ``.grad`` keeps exactly what it held, including
+    earlier micro-steps of gradient accumulation."""
+    model = problem.model
+    mtl = _mtl(problem, space, gramian, policy)
+    if accumulating:
+        _backward(mtl, problem)
+    before = _grads(model)
+    state = copy.deepcopy(mtl.state_dict())
+    target = model.encoder[0].weight if where == "shared" else model.heads["b"].weight
+    handle = _poison(target)
+    try:
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="nothing was written"):
+                _backward(mtl, problem)
+        else:
+            report = _backward(mtl, problem)
+            assert report.skipped, report
+            assert "non-finite" in (report.reason or "")
+    finally:
+        handle.remove()
+    _assert_same_grads(model, before)
+    assert torch.equal(mtl.state_dict()["generator"], state["generator"])
+    # The pipeline goes on normally afterwards.
+    assert not _backward(mtl, problem).skipped
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_gradient_inside_an_accumulation_window(problem, policy):
+    """Space params (exact): the micro-steps wait for the synchronising call; a non-finite
+    gradient among them is found there and nothing of the window is written."""
+    mtl = _mtl(problem, "params", "materialize", policy)
+    model = problem.model
+    _backward(mtl, problem, sync=False)
+    handle = _poison(model.heads["c"].weight, float("inf"))
+    _backward(mtl, problem, sync=False)
+    handle.remove()
+    if policy == "raise":
+        with pytest.raises(NonFiniteError):
+            _backward(mtl, problem, sync=True)
+    else:
+        assert _backward(mtl, problem, sync=True).skipped
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nonfinite_from_the_graph_itself(problem):
+    """No hook: sqrt at 0 inside the graph gives an infinite gradient of a finite loss."""
+    mtl = _mtl(problem, "none", policy="skip")
+    z, losses = problem.losses()
+    losses["a"] = losses["a"] + torch.sqrt(z[:, 0] * 0.0).sum()
+    assert torch.isfinite(losses["a"])
+    report = mtl.backward(losses)
+    assert report.skipped and "non-finite gradient" in (report.reason or "")
+    assert all(p.grad is None for p in problem.model.parameters())
+
+
+def test_nonfinite_reason_names_the_parameter(problem):
+    mtl = _mtl(problem, "none", policy="skip")
+    handle = _poison(problem.model.encoder[2].bias)
+    report = _backward(mtl, problem)
+    handle.remove()
+    assert "'2.bias'" in (report.reason or "")
+
+
+def test_grad_scaler_still_gets_the_overflow(problem):
+    """Under a loss scale, non-finite gradients are written for the GradScaler to skip, as
+    before (it checks them itself)."""
+    mtl = _mtl(problem, "none")
+    handle = _poison(problem.model.heads["a"].weight, float("inf"))
+    report = _backward(mtl, problem, loss_scale=1024.0)
+    handle.remove()
+    assert not report.skipped
+    assert not torch.isfinite(problem.model.heads["a"].weight.grad).all()
+
+
+# -- 2. transactional steps -------------------------------------------------------------------
+
+
+class _Boom(Exception):
+    pass
+
+
+class _Failing(Plugin):
+    """Breaks the call at its stage once armed, after every plugin before it ran."""
+
+    armed = False
+
+
+class FailInObserver(_Failing):
+    name = "test_fail_observe"
+    family = Family.OBSERVER
+
+    @hookimpl
+    def mtl_observe(self, report: StepReport) -> None:
+        if self.armed:
+            raise InputError("observer failed on purpose")
+
+
+class FailWithNaNWeights(_Failing):
+    name = "test_fail_nan_weights"
+    family = Family.LOSS_SCALING
+
+    @hookimpl
+    def mtl_scale_losses(self, step: Step) -> None:
+        if self.armed:
+            step.weights = step.weights * float("nan")
+
+
+class FailInLossScaling(_Failing):
+    name = "test_fail_raise"
+    family = Family.LOSS_SCALING
+
+    @hookimpl
+    def mtl_scale_losses(self, step: Step) -> None:
+        if self.armed:
+            raise _Boom("loss scaling failed on purpose")
+
+
+FAILURES = {
+    "observe": (FailInObserver, InputError),
+    "nan_weights": (FailWithNaNWeights, PluginError),
+    "raise": (FailInLossScaling, PluginError),
+}
+
+
+@pytest.fixture(scope="module")
+def failing_plugins():
+    for cls, _ in FAILURES.values():
+        registry.register(cls)
+    yield
+    for cls, _ in FAILURES.values():
+        registry.unregister(cls.name)
+
+
+def _builtin_config(name: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if name == "static":
+        options = {"weights": {"a": 2.0}}
+    return {"name": name, **options}
+
+
+def _states_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.cpu(), b.cpu()))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+BUILTINS = [n for n in registry.plugin_names() if registry.get_plugin(n).source == "builtin"]
+
+
+def _train_step(mtl: MTL, model: torch.nn.Module, x: torch.Tensor, tasks) -> StepReport:
+    z, outputs = model(x)
+    losses = {t: (outputs[t] - 0.5 * (i + 1)).pow(2).mean() * 10.0**i for i, t in enumerate(tasks)}
+    report = mtl.backward(losses, features=z if mtl.space is Space.FEATURES else None)
+    mtl.after_step({t: v.detach() for t, v in losses.items()})
+    return report
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+@settings(max_examples=3, deadline=None)
+@given(stage=st.sampled_from(sorted(FAILURES)), before_steps=st.integers(0, 2))
+def test_a_failing_call_changes_nothing(failing_plugins, make_problem, name, stage, before_steps):
+    """Every built-in plugin through a failing call (an observer that raises after .grad was
+    written, non-finite weights from a later loss-scaling plugin, a later plugin that raises):
+    its state, the generator, the step counter and every ``.grad`` (holding earlier calls'
+    gradients) are as before, and the next call equals that of a twin run that never saw the
+    failure, bit for bit."""
+    cls, error = FAILURES[stage]
+    problem = make_problem()
+    model, twin_model = problem.model, copy.deepcopy(problem.model)
+    plugins = [_builtin_config(name)]
+    mtl = MTL({"tasks": problem.tasks, "plugins": [*plugins, cls.name]}, shared=model.encoder)
+    twin = MTL({"tasks": problem.tasks, "plugins": plugins}, shared=twin_model.encoder)
+    for _ in range(before_steps):
+        _train_step(mtl, model, problem.x, problem.tasks)
+        _train_step(twin, twin_model, problem.x, problem.tasks)
+    state, grads = copy.deepcopy(mtl.state_dict()), _grads(model)
+
+    mtl.plugins[cls.name].armed = True  # type: ignore[attr-defined]
+    with pytest.raises(error):
+        _train_step(mtl, model, problem.x, problem.tasks)
+    mtl.plugins[cls.name].armed = False  # type: ignore[attr-defined]
+    assert _states_equal(mtl.state_dict(), state)
+    _assert_same_grads(model, grads)
+
+    report = _train_step(mtl, model, problem.x, problem.tasks)
+    expected = _train_step(twin, twin_model, problem.x, problem.tasks)
+    assert _states_equal(report.weights, expected.weights)
+    assert _states_equal(mtl.state_dict()["plugins"][name], twin.state_dict()["plugins"][name])
+    assert _states_equal(mtl.state_dict()["generator"], twin.state_dict()["generator"])
+    _assert_same_grads(model, _grads(twin_model))
+
+
+# -- load_state_dict, after_step --------------------------------------------------------------
+
+
+def test_load_state_dict_refuses_mismatches_and_loads_nothing(problem):
+    mtl = MTL({"tasks": problem.tasks, "plugins": ["gradvac", "dwa"]}, shared=problem.model.encoder)
+    _backward(mtl, problem)
+    good = mtl.state_dict()
+    current = copy.deepcopy(mtl.state_dict())
+
+    wrong_shape = copy.deepcopy(good)
+    wrong_shape["plugins"]["gradvac"]["targets"] = torch.zeros(2, 2, dtype=torch.float64)
+    wrong_dtype = copy.deepcopy(good)
+    wrong_dtype["plugins"]["gradvac"]["targets"] = good["plugins"]["gradvac"]["targets"].float()
+    missing_key = copy.deepcopy(good)
+    del missing_key["plugins"]["dwa"]["count"]
+    bad_generator = copy.deepcopy(good)
+    bad_generator["generator"] = torch.zeros(3, dtype=torch.uint8)
+    for bad, match in [
+        (wrong_shape, r"gradvac.*targets.*shape \(3, 3\)"),
+        (wrong_dtype, r"gradvac.*dtype"),
+        (missing_key, r"dwa.*missing \['count'\]"),
+        (bad_generator, r"generator"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            mtl.load_state_dict(bad)
+        assert _states_equal(mtl.state_dict(), current)
+
+
+def test_after_step_refuses_nonfinite_losses_and_changes_nothing(problem):
+    mtl = MTL({"tasks": problem.tasks, "plugins": ["famo"]})
+    _, losses = problem.losses()
+    mtl.backward(losses)
+    state = copy.deepcopy(mtl.state_dict())
+    with pytest.raises(NonFiniteError, match=r"\['c'\]"):
+        mtl.after_step({"a": 1.0, "b": 2.0, "c": float("nan")})
+    assert _states_equal(mtl.state_dict(), state)
+    mtl.after_step({t: v.detach() for t, v in losses.items()})
+
+
+# -- 3. errors are early and ours -------------------------------------------------------------
+
+
+def test_backward_twice_on_one_graph_is_an_input_error(problem):
+    mtl = _mtl(problem, "none")
+    _, losses = problem.losses()
+    mtl.backward(losses)
+    with pytest.raises(InputError, match="twice on the same forward"):
+        mtl.backward(losses)
+
+
+def test_a_leaf_loss_is_refused(problem):
+    mtl = _mtl(problem, "none")
+    _, losses = problem.losses()
+    losses["b"] = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(InputError, match="'b' is a leaf tensor"):
+        mtl.backward(losses)
+
+
+def test_an_integer_loss_is_refused_for_its_dtype(problem):
+    mtl = _mtl(problem, "none")
+    _, losses = problem.losses()
+    losses["c"] = torch.tensor(3)
+    with pytest.raises(InputError, match=r"dtype torch\.int64"):
+        mtl.backward(losses)
+
+
+def test_features_in_another_space_warns_once(problem):
+    mtl = _mtl(problem, "params")
+    z, losses = problem.losses()
+    with pytest.warns(MTLWarning, match="features= is ignored"):
+        mtl.backward(losses, features=z)
+
+
+def test_features_space_without_shared_says_what_shared_would_give(problem):
+    mtl = MTL({"tasks": problem.tasks, "plugins": ["pcgrad"]})
+    assert mtl.space is Space.FEATURES
+    _, losses = problem.losses()
+    with pytest.raises(InputError, match=r"shared=model\.encoder"):
+        mtl.backward(losses)
+
+
+def test_a_plugin_bug_is_wrapped_and_changes_nothing(problem, registered):
+    class Buggy(Plugin):
+        name = "test_buggy"
+        family = Family.LOSS_SCALING
+
+        @hookimpl
+        def mtl_scale_losses(self, step: Step) -> None:
+            raise TypeError("a bug")
+
+    registered(Buggy)
+    mtl = MTL({"tasks": problem.tasks, "plugins": ["dwa", "test_buggy"]})
+    state = copy.deepcopy(mtl.state_dict())
+    with pytest.raises(PluginError, match="TypeError: a bug") as caught:
+        _backward(mtl, problem)
+    assert isinstance(caught.value, MTLError)
+    assert _states_equal(mtl.state_dict(), state)
+    assert all(p.grad is None for p in problem.model.parameters())
+
+
+def test_torch_errors_are_wrapped(problem):
+    mtl = MTL(
+        {"tasks": problem.tasks},
+        backward_fn=lambda total: (_ for _ in ()).throw(RuntimeError("device exploded")),
+    )
+    with pytest.raises(GradientError, match="device exploded"):
+        _backward(mtl, problem)
+
+
+# -- host syncs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plugins", "space", "expected"),
+    [
+        ([], "none", 1),
+        (["static"], "none", 1),
+        (["mgda"], "features", 2),
+        (["avgnorm", "pcgrad"], "last_shared", 2),
+        (["upgrad"], "params", 2),
+    ],
+)
+def test_host_sync_budget(problem, plugins, space, expected):
+    """The pipeline reads the device once per call on the fast path and twice when it takes
+    per-task gradients (mtlhooks.hostsync); the same points are synchronisations on CUDA."""
+    mtl = MTL(
+        {"tasks": problem.tasks, "plugins": plugins, "space": space}, shared=problem.model.encoder
+    )
+    with hostsync.counting() as syncs:
+        _backward(mtl, problem)
+    assert syncs[0] == expected
+    mtl_exact = _mtl(problem, "params", "materialize", plugins=["pcgrad"])
+    with hostsync.counting() as syncs:
+        _backward(mtl_exact, problem, sync=False)
+    assert syncs[0] == 1
