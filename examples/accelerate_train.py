@@ -155,6 +155,13 @@ def main() -> None:
         print("test error / σ per task:", json.dumps({t: round(e, 4) for t, e in errors.items()}))
         print(f"replicas identical: {divergence == 0.0} (max deviation {divergence:.3g})")
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Leave together and shut the process group down before the interpreter exits: a gloo
+        # group torn down by the exit itself (while the peer is still running, or after the
+        # rank that hosts the store is gone) aborts now and then ("terminate called without an
+        # active exception").
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

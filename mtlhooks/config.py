@@ -140,6 +140,15 @@ class MTLConfig(BaseModel):
         "(T× the usual traffic; equals one process on the global batch); 'gramian' all-reduces "
         "only the T×T Gramians and lets DDP sync one weighted backward (approximate weights).",
     )
+    task_specific: Literal["aggregated", "weighted", "unweighted"] = Field(
+        default="aggregated",
+        description="What the task-specific parameters (heads) receive: 'aggregated' Σ αᵢwᵢ∇Lᵢ "
+        "(the weights of the shared update), 'weighted' Σ wᵢ∇Lᵢ (loss scaling and norm "
+        "balancing, no aggregator weights), 'unweighted' Σ ∇Lᵢ (TorchJD's and LibMTL's "
+        "convention). The shared parameters always receive Σ αᵢwᵢ∇Lᵢ. Other than 'aggregated', "
+        "the heads are told apart by z: pass features=z to backward() (space 'params' with "
+        "sync: exact needs no z: every parameter outside shared= is task-specific).",
+    )
 
     @field_validator("tasks")
     @classmethod

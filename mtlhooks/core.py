@@ -9,6 +9,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -53,6 +54,8 @@ def _named_parameters(source: ParameterSource | None, label: str) -> list[tuple[
     if source is None:
         return []
     named: list[tuple[str, Tensor]]
+    # A torch.compile'd module: name the parameters as in the module it wraps.
+    source = getattr(source, "_orig_mod", source)
     if isinstance(source, nn.Module):
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
     elif isinstance(source, Tensor):
@@ -155,7 +158,13 @@ class MTL:
         self._shared = _named_parameters(shared, "shared")
         if last_shared is None and isinstance(shared, nn.Module):
             last_shared = _last_layer(shared)
-        self._last_shared = _named_parameters(last_shared, "last_shared")
+        # Name the last shared layer's parameters by their path in the shared trunk when they
+        # are in it ('block.1.weight', not 'weight'): errors and reports name them so.
+        in_shared = {id(p): name for name, p in self._shared}
+        self._last_shared = [
+            (in_shared.get(id(p), name), p)
+            for name, p in _named_parameters(last_shared, "last_shared")
+        ]
         self.space = self._resolve_space()
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._index = 0
@@ -191,8 +200,11 @@ class MTL:
             communicator=self.communicator,
             exact_params=self.config.sync == "exact",
             layerwise_mode=(
+                # Plugins that read J, and heads weighted apart from the trunk (written from
+                # their own per-task gradients), need the per-task gradients materialised.
                 "materialize"
                 if any(p.needs is Need.JACOBIAN for p in self._gradient_plugins)
+                or self.config.task_specific != "aggregated"
                 else self.config.params_gramian
             ),
             module=space_module if isinstance(space_module, nn.Module) else None,
@@ -328,7 +340,11 @@ class MTL:
         before = self._snapshot()
         self._writes = GradWrites()
         try:
-            report: StepReport = self._manager.hook.mtl_backward(step=step)
+            # The pipeline's own arithmetic (Gramians, solvers, weights) in the tensors' own
+            # precision, whatever the ambient autocast; the per-task backward passes keep the
+            # precision autocast gave the forward.
+            with _no_autocast(ordered[0].device):
+                report: StepReport = self._manager.hook.mtl_backward(step=step)
             if report.skipped:
                 # Nothing of a skipped step stays but the event itself (observers are told) and,
                 # at a synchronising call, the end of the accumulation window it discarded.
@@ -557,7 +573,11 @@ class MTL:
                 )
             if not (isinstance(features, Tensor) and features.requires_grad):
                 raise InputError("features= must be a tensor in the graph (requires_grad=True)")
-        elif features is not None and not self._warned_features:
+        elif (
+            features is not None
+            and not self._warned_features
+            and (self.config.task_specific == "aggregated" or self._engine.writes_directly)
+        ):
             self._warned_features = True
             warnings.warn(
                 f"features= is ignored: the gradient space is {self.space.value!r}, not "
@@ -700,9 +720,26 @@ class MTL:
             engine.discard()  # layer records of this forward are not needed
             # Without loss scaling the weights are all one: a plain sum, as cheap as by hand.
             weights = step.weights if self._has_scaling else None
-            engine.weighted_backward(
-                step.loss_tensors, weights, scale, auxiliary=step.auxiliary_losses, writes=writes
-            )
+            if self.config.task_specific == "unweighted" and weights is not None:
+                # Heads get Σ ∇Lᵢ, the trunk Σ wᵢ∇Lᵢ.
+                engine.split_backward(
+                    step.loss_tensors,
+                    None,
+                    weights,
+                    torch.ones_like(weights),
+                    step.features,
+                    scale,
+                    step.auxiliary_losses,
+                    writes,
+                )
+            else:
+                engine.weighted_backward(
+                    step.loss_tensors,
+                    weights,
+                    scale,
+                    auxiliary=step.auxiliary_losses,
+                    writes=writes,
+                )
             if not self._written_finite(step, [step.losses, step.weights]):
                 return self._after_nonfinite_write(step, start)
             timings["backward"] = time.perf_counter() - mark
@@ -760,12 +797,15 @@ class MTL:
         coefficients: Tensor | None
         if combined is not None:
             coefficients = None
+            heads = (
+                torch.ones_like(weights) if self.config.task_specific == "unweighted" else weights
+            )
             engine.write_combined(
                 step.loss_tensors,
                 per_task,
                 step.features,
                 combined,
-                weights.to(device),
+                heads.to(device),
                 scale,
                 auxiliary=step.auxiliary_losses,
                 writes=writes,
@@ -783,6 +823,8 @@ class MTL:
                 per_task,
                 coefficients.to(device),
                 scale,
+                heads=self._head_coefficients(weights, alphas is not None, device),
+                features=step.features,
                 auxiliary=step.auxiliary_losses,
                 writes=writes,
             )
@@ -800,6 +842,17 @@ class MTL:
             notes=tuple(step.notes),
             timings=timings,
         )
+
+    def _head_coefficients(
+        self, weights: Tensor, aggregated: bool, device: torch.device
+    ) -> Tensor | None:
+        """What the task-specific parameters receive (``task_specific``), when it differs from
+        the shared parameters' coefficients; ``None`` when it does not."""
+        mode = self.config.task_specific
+        if mode == "aggregated" or (mode == "weighted" and not aggregated):
+            return None
+        heads = weights if mode == "weighted" else torch.ones_like(weights)
+        return heads.to(device)
 
     def _after_nonfinite_write(self, step: Step, start: float) -> StepReport:
         """The written gradients (or the losses or weights checked with them) are not finite:
@@ -825,6 +878,25 @@ class MTL:
         self.generator.set_state(generator)
         if not keep_window:
             self._pending = pending
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # pragma: no cover - torch < 2.4
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+
+
+@contextmanager
+def _no_autocast(device: torch.device) -> Iterator[None]:
+    """Autocast off for the device types in use (where it is on)."""
+    with ExitStack() as stack:
+        for device_type in {device.type, "cpu"}:
+            if _autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def _all_finite_host(tensor: Tensor) -> bool:
@@ -858,6 +930,20 @@ _KNOWN_AUTOGRAD_ERRORS = (
         "backward through the graph a second time",
         "the losses' graph was already used and freed: mtl.backward() (or loss.backward()) ran "
         "twice on the same forward pass. Run a new forward pass for every backward() call",
+    ),
+    (
+        "use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()",
+        "the losses' graph holds a reentrant activation checkpoint "
+        "(torch.utils.checkpoint.checkpoint with use_reentrant=True), which per-task gradients "
+        "(torch.autograd.grad) cannot go through. Checkpoint with use_reentrant=False (for "
+        "Hugging Face models, gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+        "{'use_reentrant': False})), or use space 'features' with z outside the checkpoint",
+    ),
+    (
+        "donated buffer",
+        "a torch.compile'd module freed ('donated') buffers its backward needs again: "
+        "mtlhooks takes one backward per task with retain_graph=True. Set "
+        "torch._functorch.config.donated_buffer = False before compiling",
     ),
     (
         "modified by an inplace operation",

@@ -27,31 +27,12 @@ from torch import Tensor, nn
 from mtlhooks import layerwise
 from mtlhooks.distributed import Communicator
 from mtlhooks.errors import InputError, PluginError
+from mtlhooks.graph import graph_leaves, unreached
 from mtlhooks.plugin import Space
 from mtlhooks.step import TaskGradients
 from mtlhooks.transaction import GradWrites
 
 NamedParameters = Sequence[tuple[str, Tensor]]
-
-
-def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
-    """Leaf tensors that ``root.backward()`` would accumulate into, except those in ``exclude``
-    (by ``id``), in a deterministic order (depth-first from ``root``)."""
-    leaves: list[Tensor] = []
-    seen: set[int] = set()
-    stack = [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in exclude:
-                leaves.append(variable)
-            continue
-        stack.extend(next_node for next_node, _ in reversed(node.next_functions))
-    return leaves
 
 
 def accumulate(parameter: Tensor, gradient: Tensor) -> None:
@@ -130,6 +111,8 @@ class GradientEngine:
         self.exact_params = exact_params
         self._leaves: dict[int, Tensor] = {}
         self.layerwise_mode = layerwise_mode
+        self.layerwise_off: str | None = None
+        """Why ``auto`` stopped taking the layerwise Gramian, if it did."""
         self.taps: layerwise.LayerTaps | None = None
         # The module holding the space's parameters (space params: shared; last_shared: the last
         # shared layer): its nn.Linear layers can give their Gramians without J.
@@ -163,6 +146,20 @@ class GradientEngine:
             return False
         return self.taps.pending_rows() + untapped < total
 
+    def _layerwise_unusable(self) -> None:
+        """The recorded layer calls are not those of the losses' graph (a torch.compile'd
+        trunk): materialise from now on, or refuse when ``layerwise`` was asked for."""
+        assert self.taps is not None
+        if self.layerwise_mode == "layerwise":
+            raise InputError(
+                "params_gramian: layerwise cannot see the shared linear layers' calls in these "
+                "losses' graph (a torch.compile'd trunk runs its layers inside one compiled "
+                "graph): use params_gramian: materialize (or auto, which falls back to it)"
+            )
+        self.taps.remove()
+        self.taps = None
+        self.layerwise_off = "the shared layers' calls are not visible in the losses' graph"
+
     @property
     def writes_directly(self) -> bool:
         """Whether ``.grad`` is written from materialised per-task gradients (no final
@@ -184,8 +181,11 @@ class GradientEngine:
         if self.use_layerwise(accumulating):
             assert self.taps is not None
             seeds = [_seed(loss, scale) for loss in losses]
-            names, gramians, blocks = layerwise.collect(self.taps, losses, self._untapped, seeds)
-            return PerTask(names, blocks, gramians=gramians)
+            collected = layerwise.collect(self.taps, losses, self._untapped, seeds)
+            if collected is not None:
+                names, gramians, layer_blocks = collected
+                return PerTask(names, layer_blocks, gramians=gramians)
+            self._layerwise_unusable()
         if self.taps is not None:
             self.taps.clear()
         if self.space is Space.FEATURES:
@@ -201,7 +201,7 @@ class GradientEngine:
                 for loss in losses
             ]
             if all(g is None for g in found):
-                raise InputError("features= is not in the graph of any loss: pass the trunk output")
+                raise _features_not_in_graph(features)
             rows = [torch.zeros_like(features) if g is None else g for g in found]
             return PerTask(["features"], [torch.stack(rows).reshape(count, -1)])
 
@@ -235,10 +235,7 @@ class GradientEngine:
             del grads
         for (name, _), hit in zip(self.named, reached):
             if not hit:
-                raise InputError(
-                    f"shared parameter {name!r} receives no gradient from any task: remove it "
-                    "from shared= (or set requires_grad=False), or check the forward pass"
-                )
+                raise unreached(name, losses)
         return PerTask([name for name, _ in self.named], blocks, extras)
 
     def gradients(self, per_task: PerTask, scale: Tensor | None) -> TaskGradients:
@@ -341,21 +338,64 @@ class GradientEngine:
         coefficients: Tensor,
         scale: Tensor | None,
         *,
+        heads: Tensor | None = None,
+        features: Tensor | None = None,
         auxiliary: Sequence[Tensor] = (),
         writes: GradWrites,
     ) -> None:
-        """``.grad += Σ cᵢ ∇Lᵢ`` on every parameter (and the auxiliary objectives' gradients)."""
-        if not (self.writes_directly and per_task.materialized):
+        """``.grad += Σ cᵢ ∇Lᵢ`` on the shared parameters and ``Σ hᵢ ∇Lᵢ`` on the task-specific
+        ones (``h = c`` when ``heads`` is None), plus the auxiliary objectives' gradients."""
+        if self.writes_directly and per_task.materialized:
+            for (_, p), block in zip(self.shared, per_task.blocks):
+                update = coefficients.to(block.device, block.dtype) @ block
+                writes.record([p])
+                accumulate(p, update)
+            self._write_task_specific(per_task, coefficients if heads is None else heads, writes)
+            self._auxiliary_backward(auxiliary, scale, writes)
+            return
+        if heads is None:
             # The gradient of Σ cᵢLᵢ is Σ cᵢ∇Lᵢ everywhere (chain rule): one backward writes
             # shared and task-specific parameters alike.
             self.weighted_backward(losses, coefficients, scale, auxiliary=auxiliary, writes=writes)
             return
-        for (_, p), block in zip(self.shared, per_task.blocks):
-            update = coefficients.to(block.device, block.dtype) @ block
-            writes.record([p])
-            accumulate(p, update)
-        self._write_task_specific(per_task, coefficients, writes)
-        self._auxiliary_backward(auxiliary, scale, writes)
+        self.split_backward(
+            losses, per_task, coefficients, heads, features, scale, auxiliary, writes
+        )
+
+    def split_backward(
+        self,
+        losses: Sequence[Tensor],
+        per_task: PerTask | None,
+        coefficients: Tensor,
+        heads: Tensor,
+        features: Tensor | None,
+        scale: Tensor | None,
+        auxiliary: Sequence[Tensor],
+        writes: GradWrites,
+    ) -> None:
+        """One backward of ``Σ hᵢLᵢ`` whose gradient at z is replaced by that of ``Σ cᵢLᵢ``:
+        the heads (between z and the losses) receive ``Σ hᵢ∇Lᵢ`` and the trunk (below z)
+        ``Σ cᵢ∇Lᵢ``. Still one backward through the trunk, so DDP synchronises it as usual."""
+        if features is None:
+            raise InputError(
+                "task_specific other than 'aggregated' tells the heads from the trunk by z: "
+                "pass features=z (the trunk's output) to backward()"
+            )
+        if self.space is Space.FEATURES and per_task is not None:
+            # The per-task gradients at z are in hand (of the scaled losses, like the backward).
+            (block,) = per_task.blocks
+            trunk = (coefficients.to(block.device, block.dtype) @ block).reshape(features.shape)
+        else:
+            total = (torch.stack(list(losses)) * coefficients.to(losses[0].dtype)).sum()
+            if scale is not None:
+                total = total * scale.to(total.dtype)
+            (trunk,) = torch.autograd.grad(total, features, retain_graph=True)
+        replacement = trunk.to(features.dtype)
+        handle = features.register_hook(lambda _grad: replacement)
+        try:
+            self.weighted_backward(losses, heads, scale, auxiliary=auxiliary, writes=writes)
+        finally:
+            handle.remove()
 
     def write_combined(
         self,
@@ -430,6 +470,22 @@ class GradientEngine:
         self._leaves.clear()
         if self.taps is not None:
             self.taps.clear()
+
+
+def _features_not_in_graph(features: Tensor) -> InputError:
+    node = features.grad_fn
+    name = "" if node is None else type(node).__name__
+    if "CompiledFunction" in name:
+        return InputError(
+            "features= and the losses come out of one torch.compile'd graph: the heads use the "
+            "graph's own copy of z, so no loss depends on the z returned. Compile the trunk "
+            "alone (model.encoder = torch.compile(model.encoder)) and keep the heads outside, "
+            "or use space 'params' or 'last_shared'"
+        )
+    return InputError(
+        "features= is not in the graph of any loss: pass the trunk output that the heads "
+        f"consume (got a tensor whose grad_fn is {name or None})"
+    )
 
 
 def _seed(loss: Tensor, scale: Tensor | None) -> Tensor | None:

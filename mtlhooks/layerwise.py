@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mtlhooks.errors import InputError
+from mtlhooks.graph import graph_nodes, unreached
 
 
 @dataclass
@@ -125,39 +125,30 @@ def layer_gramians(layer: _Layer, inputs: Tensor, deltas: Tensor) -> list[tuple[
     return out
 
 
-def _graph_nodes(roots: Sequence[Tensor]) -> set[int]:
-    """``id`` of every autograd node reachable from ``roots``."""
-    seen: set[int] = set()
-    stack = [root.grad_fn for root in roots]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return seen
-
-
 def collect(
     taps: LayerTaps,
     losses: Sequence[Tensor],
     others: Sequence[tuple[str, Tensor]],
     seeds: Sequence[Tensor | None],
-) -> tuple[list[str], list[Tensor], list[Tensor]]:
+) -> tuple[list[str], list[Tensor], list[Tensor]] | None:
     """Per-block Gramians of the tapped layers plus the per-task gradient blocks of ``others``.
 
     Runs one backward per task to the tapped layers' outputs (and ``others``), keeping the
     graph. Returns (names, block Gramians, blocks of ``others``) where the Gramians list covers
-    tapped layers first, then ``others`` (whose blocks are returned for the caller to reduce).
+    tapped layers first, then ``others`` (whose blocks are returned for the caller to reduce);
+    ``None`` when some tapped layer has no recorded call in these losses' graph (a layer this
+    forward did not use, or a torch.compile'd forward whose hooks ran at tracing time only):
+    the caller then materialises the per-task gradients, which is exact in every case.
     """
     # Keep the calls of this step's forward: records of other forwards (a second model sharing
     # the layers, a forward whose loss was never back-propagated) are not in these losses' graph.
-    reachable = _graph_nodes(losses)
+    reachable = graph_nodes(losses)
     taken = []
     for layer, records in taps.take():
         mine = [(x, out) for x, out in records if id(out.grad_fn) in reachable]
-        if mine:
-            taken.append((layer, mine))
+        if not mine:
+            return None
+        taken.append((layer, mine))
     outputs = [output for _, records in taken for _, output in records]
     other_params = [p for _, p in others]
     count = len(losses)
@@ -172,6 +163,11 @@ def collect(
                 allow_unused=True,
             )
         )
+    # A recorded call that no task's gradient reaches, although its output is in the graph, is
+    # not an ancestor of the losses as autograd sees it (a torch.compile'd forward returns such
+    # copies of intermediate tensors): the recorded inputs cannot be trusted either.
+    if any(all(grads[k] is None for grads in per_task) for k in range(len(outputs))):
+        return None
     names: list[str] = []
     gramians: list[Tensor] = []
     position = 0
@@ -189,15 +185,6 @@ def collect(
                 parts.append(grad.reshape(rows_per_record[k], width_out))
             deltas.append(torch.cat(parts))
         position += len(records)
-        if all(
-            grads[position - len(records) + k] is None
-            for grads in per_task
-            for k in range(len(records))
-        ):
-            raise InputError(
-                f"shared parameter {layer.weight_name!r} receives no gradient from any task: "
-                "remove it from shared= (or set requires_grad=False), or check the forward pass"
-            )
         for name, gramian in layer_gramians(layer, inputs, torch.stack(deltas)):
             names.append(name)
             gramians.append(gramian)
@@ -205,10 +192,7 @@ def collect(
     for j, (name, p) in enumerate(others):
         column = [grads[position + j] for grads in per_task]
         if all(g is None for g in column):
-            raise InputError(
-                f"shared parameter {name!r} receives no gradient from any task: remove it "
-                "from shared= (or set requires_grad=False), or check the forward pass"
-            )
+            raise unreached(name, losses)
         stacked = torch.stack([torch.zeros_like(p) if g is None else g for g in column])
         blocks.append(stacked.reshape(count, -1))
         names.append(name)
