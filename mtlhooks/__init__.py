@@ -8,6 +8,7 @@ from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.core import MTL
 from mtlhooks.errors import (
     ConfigError,
+    DistributedError,
     GradientError,
     InputError,
     MTLError,
@@ -23,6 +24,7 @@ from mtlhooks.step import Step, TaskGradients
 __all__ = [
     "MTL",
     "ConfigError",
+    "DistributedError",
     "Family",
     "GradientError",
     "InputError",

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ from mtlhooks.errors import (
     PluginError,
 )
 from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
+from mtlhooks.ranks import Ranks, leaves_signature
 from mtlhooks.report import StepReport
 from mtlhooks.step import Step
 from mtlhooks.transaction import GradWrites, check_state, clone_tree
@@ -137,6 +138,10 @@ class MTL:
         default). Frameworks that must see the backward pass give theirs (Lightning's
         ``manual_backward``, a DeepSpeed engine's ``backward``); it receives the weighted total,
         already multiplied by any ``loss_scale``, and must not scale it again.
+    :param model: the whole model (optional). Under data parallelism in space ``params``
+        (``sync: exact``), the task-specific gradients are then reduced across processes by
+        parameter, so heads that only some ranks use in a step (conditional branches, routing)
+        stay exact; without it such steps are refused with an error.
 
     What every parameter receives: with per-task weights ``w`` (loss scaling and norm
     balancing) and aggregator weights ``α``, ``.grad += Σ_i α_i w_i ∇L_i`` for shared and
@@ -152,6 +157,7 @@ class MTL:
         last_shared: ParameterSource | None = None,
         communicator: Communicator | bool | None = None,
         backward_fn: Callable[[Tensor], None] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.config = load_config(config)
         self.tasks: tuple[str, ...] = self.config.tasks
@@ -176,6 +182,8 @@ class MTL:
         self._pending: tuple[PerTask, Tensor] | None = None
         self._writes = GradWrites()
         self._warned_features = False
+        self._window_on_fast_path = False
+        self._call = _Call("fast", None)
 
         space_parameters = {Space.PARAMS: self._shared, Space.LAST_SHARED: self._last_shared}
         setup = Setup(
@@ -192,6 +200,8 @@ class MTL:
         self._gradient_plugins = [
             plugin for plugin in self.plugins.values() if plugin.needs is not Need.NOTHING
         ]
+        # Plugins whose work is once per optimizer step (all but observers).
+        self._acts_per_step = any(p.family is not Family.OBSERVER for p in self.plugins.values())
         space_module = shared if self.space is Space.PARAMS else last_shared
         self._engine = GradientEngine(
             self.space,
@@ -209,7 +219,12 @@ class MTL:
             ),
             module=space_module if isinstance(space_module, nn.Module) else None,
             backward_fn=backward_fn,
+            model=model,
+            num_tasks=len(self.tasks),
         )
+        self._ranks = None if self._engine.comm is None else Ranks(self._engine.comm, self.tasks)
+        if self._ranks is not None:
+            self._ranks.check_same_pipeline(self._settings())
         self._manager = registry.new_plugin_manager()
         self._manager.register(_Core(self), name="mtlhooks.core")
         # pluggy calls implementations last-registered-first: register in reverse of the order
@@ -228,6 +243,7 @@ class MTL:
         last_shared: ParameterSource | None = None,
         communicator: Communicator | bool | None = None,
         backward_fn: Callable[[Tensor], None] | None = None,
+        model: nn.Module | None = None,
     ) -> MTL:
         """Build from a config object, mapping or file; same arguments as the constructor."""
         return cls(
@@ -236,7 +252,28 @@ class MTL:
             last_shared=last_shared,
             communicator=communicator,
             backward_fn=backward_fn,
+            model=model,
         )
+
+    def _settings(self) -> dict[str, Any]:
+        """What every rank's pipeline must have alike (compared across ranks when built)."""
+
+        def described(named: list[tuple[str, Tensor]]) -> list[Any]:
+            return [(name, list(p.shape), str(p.dtype)) for name, p in named]
+
+        config = self.config
+        return {
+            "tasks": list(self.tasks),
+            "plugins": [entry.as_dict() for entry in config.plugins],
+            "space": self.space.value,
+            "seed": config.seed,
+            "sync": config.sync,
+            "on_nonfinite": config.on_nonfinite,
+            "params_gramian": config.params_gramian,
+            "task_specific": config.task_specific,
+            "shared parameters": described(self._shared),
+            "last_shared parameters": described(self._last_shared),
+        }
 
     # -- construction -----------------------------------------------------------------------
 
@@ -297,6 +334,7 @@ class MTL:
         features: Tensor | None = None,
         sync: bool = True,
         loss_scale: float | Tensor | GradScalerLike | None = None,
+        batch_size: int | None = None,
     ) -> StepReport:
         """Fill ``.grad`` from per-task losses, through the configured plugins.
 
@@ -314,14 +352,23 @@ class MTL:
             written scaled for ``scaler.step``; Gramians are unscaled before any plugin sees
             them. A non-finite Gramian then does not raise: the gradients are written as they
             are, so that the scaler skips the step and lowers its scale.
+        :param batch_size: this process's number of samples, under data parallelism with
+            shards that may differ in size (the last batch of an epoch, a sampler that does not
+            pad): the global losses and gradients are then the mean over every sample of every
+            rank, exactly. Give it on every rank or on none; without it every rank counts the
+            same (the mean over ranks of the per-rank means).
         :returns: the :class:`StepReport` of this call (also ``mtl.last_report``).
         """
-        ordered = self._validate(losses, features)
+        kind = self._call_kind(sync)
+        try:
+            ordered = self._validate(losses, features)
+            batch_size = _checked_batch_size(batch_size)
+            scale = _scale_tensor(loss_scale, ordered[0])
+        except Exception as error:
+            self._fail_together(kind)
+            raise error from None
         dtype = torch.promote_types(ordered[0].dtype, torch.float32)
         values = torch.stack([loss.detach().to(dtype) for loss in ordered])
-        if self.communicator is not None:
-            # Every rank must see the same values or loss-level plugins diverge.
-            values = self.communicator.all_reduce(values, "mean")
         step = Step(
             index=self._index,
             tasks=self.tasks,
@@ -332,9 +379,10 @@ class MTL:
             loss_tensors=ordered,
             features=features,
             sync=sync,
-            loss_scale=_scale_tensor(loss_scale, ordered[0]),
+            loss_scale=scale,
             communicator=self._engine.comm,
         )
+        self._call = _Call(kind, batch_size)
         # All or nothing (mtlhooks.transaction): until this call returns, every .grad it wrote,
         # every plugin's state and the generator can be put back as they were.
         before = self._snapshot()
@@ -364,6 +412,8 @@ class MTL:
             else:
                 raise _translate(error) from error
         self._writes.commit()
+        if self._engine.writes_directly:
+            self._window_on_fast_path = not sync and kind == "fast"
         self._index += 1
         self.last_report = report
         return report
@@ -674,12 +724,45 @@ class MTL:
         timings["scale_losses"] = time.perf_counter() - mark
         return step.weights.clone()
 
-    def _wants_gradients(self, index: int) -> bool:
+    def _wants_gradients(self, index: int, sync: bool) -> bool:
+        """Whether this call takes per-task gradients.
+
+        Space params (``sync: exact``) under gradient accumulation aggregates once per
+        optimizer step: a window accumulates per-task gradients from its first micro-step
+        whenever some plugin acts per optimizer step (loss scaling, norm balancing, an
+        aggregator), so that those run once, at the call with ``sync=True``, on the whole
+        window; a window begun on the fast path (only observers, which did not want gradients
+        then) stays on it, so an observer never sees part of a window."""
         if self.space is Space.NONE:
             return False
         if self._pending is not None:
             return True
+        if self._engine.writes_directly and (not sync or self._window_on_fast_path):
+            if self._window_on_fast_path:
+                return False
+            return self._acts_per_step
         return any(plugin.wants_gradients(index) for plugin in self._gradient_plugins)
+
+    def _ranks_check(self, status: Tensor) -> None:
+        assert self._ranks is not None
+        self._ranks.check(status)
+
+    def _leaves_signature(self, per_task: PerTask) -> Tensor | None:
+        """What the ranks compare of the task-specific leaves in space params (exact)."""
+        if self._ranks is None or not self._engine.writes_directly or not per_task.extras:
+            return None
+        shapes: list[tuple[int, ...]] = []
+        seen: set[int] = set()
+        for grads in per_task.extras:
+            for key, grad in grads.items():
+                if key not in seen:
+                    seen.add(key)
+                    shapes.append(tuple(grad.shape))
+        known = self._engine.task_parameter_ids
+        if known is not None:
+            # Reduced by name: the ranks may reach different parameters of the model.
+            return leaves_signature([], foreign=bool(seen - known))
+        return leaves_signature(shapes, foreign=False)
 
     def _written_finite(self, step: Step, extra: list[Tensor]) -> bool:
         """The one host sync after writing: ``extra`` and, without a loss scale (whose
@@ -689,32 +772,54 @@ class MTL:
             tensors += self._writes.written()
         return hostsync.host_flag(hostsync.all_finite(tensors))
 
+    def _call_kind(self, sync: bool) -> str:
+        """How this call runs, decided alike on every rank: ``fast`` (one weighted backward),
+        ``micro`` (an accumulation micro-step of space params, exact) or ``gradients``."""
+        if not self._wants_gradients(self._index, sync):
+            return "fast"
+        if self._engine.writes_directly and not sync:
+            return "micro"
+        return "gradients"
+
+    def _fail_together(self, kind: str) -> None:
+        """This rank failed before its collectives: join them (with a failure flag and zeros)
+        so that the other ranks raise too instead of waiting for this one."""
+        if self._ranks is None:
+            return
+        try:
+            self._ranks.reduce(None, batch_size=None, failed=True, device=torch.device("cpu"))
+            if kind == "gradients":
+                self._engine.join_gradient_sync(len(self.tasks))
+        except Exception:  # pragma: no cover - the collective itself broke: keep our error
+            pass
+
+    def _synchronise(self, step: Step, leaves: Tensor | None = None) -> Tensor | None:
+        """The losses' all-reduce (every rank sees the global values; uneven shards weighted
+        by their sample counts). Returns the status to check before the next collective, or
+        None with one process."""
+        if self._ranks is None:
+            return None
+        reduced = self._ranks.reduce(
+            step.losses, batch_size=self._call.batch_size, failed=False, leaves=leaves
+        )
+        step.losses = reduced.values
+        if reduced.factor is not None:
+            factor = reduced.factor.to(step.loss_tensors[0].dtype)
+            step.loss_tensors = tuple(loss * factor for loss in step.loss_tensors)
+            self._call.factor = reduced.factor
+        return reduced.status
+
     def _run(self, step: Step) -> StepReport:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         engine, hooks, scale = self._engine, self._manager.hook, step.loss_scale
         writes = self._writes
-        wanted = self._wants_gradients(step.index)
+        kind = self._call.kind
 
-        per_task: PerTask | None = None
-        if wanted and engine.writes_directly and (not step.sync or self._pending is not None):
-            mark = time.perf_counter()
-            current = engine.compute(step.loss_tensors, step.features, scale, accumulating=True)
-            timings["task_gradients"] = time.perf_counter() - mark
-            if not step.sync and not hostsync.host_flag(hostsync.all_finite([step.losses])):
-                return self._nonfinite(step, self._bad_losses(step.losses), start)
-            # The window so far is never changed in place: a failing call leaves it as it was.
-            window_losses = step.losses
-            if self._pending is not None:
-                current.add(self._pending[0])
-                window_losses = self._pending[1] + step.losses
-            if not step.sync:
-                self._pending = (current, window_losses)
-                return self._report(step, start, accumulating=True, timings=timings)
-            per_task, step.losses = current, window_losses
-            self._pending = None
-
-        if not wanted:
+        if kind == "fast":
+            status = self._synchronise(step)
+            if status is not None:
+                self._ranks_check(hostsync.to_host(status))
             loss_weights = self._scale_losses(step, timings)
             mark = time.perf_counter()
             engine.discard()  # layer records of this forward are not needed
@@ -753,18 +858,57 @@ class MTL:
             )
 
         mark = time.perf_counter()
-        if per_task is None:
-            per_task = engine.compute(step.loss_tensors, step.features, scale)
+        try:
+            current = engine.compute(
+                step.loss_tensors,
+                step.features,
+                scale,
+                accumulating=self._pending is not None or kind == "micro",
+            )
+        except Exception:
+            self._fail_together(kind)
+            raise
+        status = self._synchronise(step, leaves=self._leaves_signature(current))
+        if self._call.factor is not None:
+            current.scale_(self._call.factor)
+        timings["task_gradients"] = time.perf_counter() - mark
+
+        if kind == "micro":
+            host_values = hostsync.to_host(
+                step.losses if status is None else torch.cat([status, step.losses.double()])
+            )
+            if status is not None:
+                self._ranks_check(host_values[: status.numel()])
+            if not _all_finite_host(host_values):
+                return self._nonfinite(step, self._bad_losses(step.losses), start)
+            # The window so far is never changed in place: a failing call leaves it as it was.
+            window_losses = step.losses
+            if self._pending is not None:
+                current.add(self._pending[0])
+                window_losses = self._pending[1] + step.losses
+            self._pending = (current, window_losses)
+            return self._report(step, start, accumulating=True, timings=timings)
+
+        per_task = current
+        if self._pending is not None:
+            per_task.add(self._pending[0])
+            step.losses = self._pending[1] + step.losses
+            self._pending = None
+        mark = time.perf_counter()
         gradients = engine.gradients(per_task, scale)
         step.gradients = gradients
-        timings["task_gradients"] = timings.get("task_gradients", 0.0) + time.perf_counter() - mark
+        timings["task_gradients"] += time.perf_counter() - mark
 
         # Loss scaling runs on the device, before the copy to the host, so that one copy carries
-        # the losses, their weights and the Gramian.
+        # the losses, their weights and the Gramian (and the ranks' status).
         device_weights = self._scale_losses(step, timings)
         # The one copy to the host: losses, loss weights and the Gramian. Norm balancing and
         # aggregation then run on the host (a solver's loop never waits for the device).
-        losses, weights, gramian = _to_host(step.losses, step.weights, gradients.gramian)
+        losses, weights, gramian, status_host = _to_host(
+            step.losses, step.weights, gradients.gramian, status
+        )
+        if status_host is not None:
+            self._ranks_check(status_host)
         if not _all_finite_host(gramian) or not _all_finite_host(losses):
             if not _all_finite_host(losses):
                 return self._nonfinite(step, self._bad_losses(losses), start)
@@ -904,25 +1048,48 @@ def _all_finite_host(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _to_host(losses: Tensor, weights: Tensor, gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One copy to the host of the losses, the loss weights and the Gramian (each keeps its
-    dtype)."""
+def _to_host(
+    losses: Tensor, weights: Tensor, gramian: Tensor, status: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One copy to the host of the losses, the loss weights, the Gramian and the ranks' status
+    (each keeps its dtype)."""
     dtype = torch.promote_types(torch.promote_types(losses.dtype, weights.dtype), gramian.dtype)
+    if status is not None:
+        dtype = torch.promote_types(dtype, status.dtype)
     device = gramian.device
-    packed = torch.cat(
-        [
-            losses.to(device, dtype).reshape(-1),
-            weights.to(device, dtype).reshape(-1),
-            gramian.to(dtype).reshape(-1),
-        ]
-    )
-    host = hostsync.to_host(packed)
-    count = losses.numel()
+    parts = [
+        losses.to(device, dtype).reshape(-1),
+        weights.to(device, dtype).reshape(-1),
+        gramian.to(dtype).reshape(-1),
+    ]
+    if status is not None:
+        parts.append(status.to(device, dtype))
+    host = hostsync.to_host(torch.cat(parts))
+    count, size = losses.numel(), gramian.numel()
+    end = 2 * count + size
     return (
         host[:count].to(losses.dtype),
         host[count : 2 * count].to(weights.dtype),
-        host[2 * count :].reshape(gramian.shape).to(gramian.dtype),
+        host[2 * count : end].reshape(gramian.shape).to(gramian.dtype),
+        None if status is None else host[end:],
     )
+
+
+@dataclass
+class _Call:
+    """What one backward() call decided before it ran."""
+
+    kind: str
+    batch_size: int | None
+    factor: Tensor | None = None
+
+
+def _checked_batch_size(batch_size: object) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1 (or None), got {batch_size!r}")
+    return batch_size
 
 
 _KNOWN_AUTOGRAD_ERRORS = (

@@ -21,8 +21,12 @@ class Communicator(Protocol):
     @property
     def world_size(self) -> int: ...
 
+    @property
+    def rank(self) -> int: ...
+
     def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
-        """Return ``tensor`` reduced over all processes; ``op`` is ``"sum"`` or ``"mean"``."""
+        """Return ``tensor`` reduced over all processes (on the tensor's device); ``op`` is
+        ``"sum"``, ``"mean"`` or ``"max"``."""
         ...
 
 
@@ -49,13 +53,24 @@ class TorchDistributed:
         return int(torch.distributed.get_rank(self.group))
 
     def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
-        if op not in ("sum", "mean"):
-            raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
-        reduced = tensor.detach().clone()
-        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        if op not in ("sum", "mean", "max"):
+            raise ValueError(f"op must be 'sum', 'mean' or 'max', got {op!r}")
+        device = self._device(tensor)
+        reduced = tensor.detach().to(device, copy=True)
+        ops = torch.distributed.ReduceOp
+        torch.distributed.all_reduce(
+            reduced, op=ops.MAX if op == "max" else ops.SUM, group=self.group
+        )
         if op == "mean":
             reduced /= self.world_size
-        return reduced
+        return reduced.to(tensor.device)
+
+    def _device(self, tensor: Tensor) -> torch.device:
+        """Where the backend can reduce ``tensor``: NCCL only on CUDA (small host tensors such
+        as the pipeline's status go through the current CUDA device), gloo anywhere."""
+        if tensor.device.type == "cpu" and torch.distributed.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return tensor.device
 
 
 def default_communicator() -> Communicator | None:

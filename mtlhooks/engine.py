@@ -18,15 +18,17 @@ averages only the per-rank Gramians and leaves the weighted backward to DDP (app
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from mtlhooks import layerwise
 from mtlhooks.distributed import Communicator
-from mtlhooks.errors import InputError, PluginError
+from mtlhooks.errors import ConfigError, InputError, PluginError
 from mtlhooks.graph import graph_leaves, unreached
 from mtlhooks.plugin import Space
 from mtlhooks.step import TaskGradients
@@ -44,15 +46,18 @@ def accumulate(parameter: Tensor, gradient: Tensor) -> None:
         parameter.grad.add_(gradient.to(parameter.grad.dtype))
 
 
-def _flat_all_reduce(comm: Communicator, tensors: Sequence[Tensor], op: str) -> list[Tensor]:
-    """All-reduce several tensors in one collective (one flat buffer)."""
+def _flat_all_reduce(
+    comm: Communicator, tensors: Sequence[Tensor], op: str, dtype: torch.dtype | None = None
+) -> list[Tensor]:
+    """All-reduce several tensors in one collective (one flat buffer, in ``dtype`` if given:
+    then every rank sends the same layout whatever the tensors' dtypes)."""
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.cat([t.reshape(-1).to(dtype) if dtype else t.reshape(-1) for t in tensors])
     flat = comm.all_reduce(flat, op)
     out, offset = [], 0
     for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
         offset += t.numel()
     return out
 
@@ -74,6 +79,15 @@ class PerTask:
     def materialized(self) -> bool:
         """Whether ``blocks`` hold every column of J."""
         return not self.gramians
+
+    def scale_(self, factor: Tensor) -> None:
+        """Multiply every gradient by ``factor`` (a scalar), in place."""
+        for block in self.blocks:
+            block.mul_(factor.to(block.dtype))
+        for extra in self.extras:
+            for key, grad in extra.items():
+                extra[key] = grad * factor.to(grad.dtype)
+        self.gramians = [g * (factor * factor).to(g.dtype) for g in self.gramians]
 
     def add(self, other: PerTask) -> None:
         for mine, theirs in zip(self.blocks, other.blocks):
@@ -100,9 +114,12 @@ class GradientEngine:
         layerwise_mode: str = "materialize",
         module: nn.Module | None = None,
         backward_fn: Callable[[Tensor], None] | None = None,
+        model: nn.Module | None = None,
+        num_tasks: int = 0,
     ) -> None:
         self.space = space
         self.backward_fn = backward_fn
+        self.num_tasks = num_tasks
         self.named = list(shared if space is Space.PARAMS else last_shared)
         self.shared = list(shared)
         self.comm = (
@@ -110,6 +127,25 @@ class GradientEngine:
         )
         self.exact_params = exact_params
         self._leaves: dict[int, Tensor] = {}
+        shared_ids = {id(p) for _, p in self.shared}
+        self.task_parameters: list[Tensor] | None = None
+        """With ``model=``: its parameters outside shared=, the order the ranks reduce the
+        task-specific gradients in (by name, so ranks may reach different ones)."""
+        if model is not None:
+            self.task_parameters = [
+                p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids
+            ]
+        if (
+            self.comm is not None
+            and layerwise_mode == "layerwise"
+            and (space is Space.LAST_SHARED or (space is Space.PARAMS and exact_params))
+        ):
+            raise ConfigError(
+                "params_gramian: layerwise is not exact under data parallelism: the Gramian of "
+                "the gradients averaged over ranks has cross-rank terms that per-rank layer "
+                "Gramians do not hold. Use params_gramian: auto (it materialises across "
+                "processes) or materialize; or sync: gramian for the documented approximation"
+            )
         self.layerwise_mode = layerwise_mode
         self.layerwise_off: str | None = None
         """Why ``auto`` stopped taking the layerwise Gramian, if it did."""
@@ -190,10 +226,11 @@ class GradientEngine:
             self.taps.clear()
         if self.space is Space.FEATURES:
             assert features is not None
+            target = features_target(features)
             found = [
                 torch.autograd.grad(
                     loss,
-                    features,
+                    target,
                     grad_outputs=_seed(loss, scale),
                     retain_graph=True,
                     allow_unused=True,
@@ -259,10 +296,11 @@ class GradientEngine:
         if self.comm is not None and self.space is Space.FEATURES:
             # Disjoint samples: the global Gramian is Σ_r G_r / R² for a loss averaged over ranks.
             world = self.comm.world_size
-            parts = [p / world**2 for p in _flat_all_reduce(self.comm, parts, "sum")]
+            reduced = _flat_all_reduce(self.comm, parts, "sum", torch.float64)
+            parts = [p / world**2 for p in reduced]
             changed = True
         elif self.comm is not None and self.space is Space.PARAMS and not exact:
-            parts = _flat_all_reduce(self.comm, parts, "mean")
+            parts = _flat_all_reduce(self.comm, parts, "mean", torch.float64)
             changed = True
         if scale is not None:
             parts = [p / (scale * scale).to(p.dtype) for p in parts]
@@ -271,6 +309,28 @@ class GradientEngine:
             return gradients
         total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         return TaskGradients(self.space, gradients.names, blocks, parts, total)
+
+    def join_gradient_sync(self, count: int) -> None:
+        """The collective :meth:`gradients` makes, with zeros: a rank that failed before it
+        joins it (then raises), so the other ranks reach the status check instead of waiting
+        (:mod:`mtlhooks.ranks`)."""
+        if self.comm is None:
+            return
+        if self.space is Space.FEATURES:
+            self.comm.all_reduce(torch.zeros(count * count, dtype=torch.float64), "sum")
+        elif self.space is Space.LAST_SHARED or self.exact_params:
+            dtype = self.named[0][1].dtype
+            for _, p in self.named[1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+            size = count * sum(p.numel() for _, p in self.named)
+            self.comm.all_reduce(torch.zeros(size, dtype=dtype), "mean")
+        else:
+            size = len(self.named) * count * count
+            self.comm.all_reduce(torch.zeros(size, dtype=torch.float64), "mean")
+
+    @property
+    def task_parameter_ids(self) -> set[int] | None:
+        return None if self.task_parameters is None else {id(p) for p in self.task_parameters}
 
     # -- writing ----------------------------------------------------------------------------------
     #
@@ -389,13 +449,9 @@ class GradientEngine:
             total = (torch.stack(list(losses)) * coefficients.to(losses[0].dtype)).sum()
             if scale is not None:
                 total = total * scale.to(total.dtype)
-            (trunk,) = torch.autograd.grad(total, features, retain_graph=True)
-        replacement = trunk.to(features.dtype)
-        handle = features.register_hook(lambda _grad: replacement)
-        try:
+            (trunk,) = torch.autograd.grad(total, features_target(features), retain_graph=True)
+        with replaced_gradient(features, trunk.reshape(features.shape).to(features.dtype)):
             self.weighted_backward(losses, heads, scale, auxiliary=auxiliary, writes=writes)
-        finally:
-            handle.remove()
 
     def write_combined(
         self,
@@ -419,11 +475,8 @@ class GradientEngine:
             assert features is not None
             # Already in the units of the (scaled) per-task gradients it was combined from.
             replacement = combined.reshape(features.shape).to(features.device, features.dtype)
-            handle = features.register_hook(lambda _grad: replacement)
-            try:
+            with replaced_gradient(features, replacement):
                 self.weighted_backward(losses, weights, scale, auxiliary=auxiliary, writes=writes)
-            finally:
-                handle.remove()
             return
         if self.writes_directly and per_task.materialized:
             offset = 0
@@ -448,15 +501,40 @@ class GradientEngine:
             for key, grad in grads.items():
                 term = grad * c.to(grad.device, grad.dtype)
                 totals[key] = term if key not in totals else totals[key] + term
+        if self.comm is not None and self.task_parameters is not None:
+            self._reduce_task_specific_by_parameter(totals, writes)
+            return
         keys = list(totals)
         values = [totals[k] for k in keys]
         if self.comm is not None:
-            # Same graph on every rank, so the same leaves in the same order.
+            # The ranks checked that they reach the same leaves (mtlhooks.ranks): same graph,
+            # so the same leaves in the same order.
             values = _flat_all_reduce(self.comm, values, "mean")
         for key, value in zip(keys, values):
             leaf = self._leaves[key]
             writes.record([leaf])
             accumulate(leaf, value)
+        self._leaves.clear()
+
+    def _reduce_task_specific_by_parameter(
+        self, totals: dict[int, Tensor], writes: GradWrites
+    ) -> None:
+        """Every rank sends a gradient for every task parameter of the model (zeros where its
+        losses do not reach it) and how many ranks reached it: parameters that some rank's
+        branch skipped are still averaged over all ranks, as DDP would."""
+        assert self.comm is not None and self.task_parameters is not None
+        params = self.task_parameters
+        values = [
+            totals[id(p)].reshape(p.shape) if id(p) in totals else torch.zeros_like(p)
+            for p in params
+        ]
+        reached = torch.tensor([1.0 if id(p) in totals else 0.0 for p in params])
+        reduced = _flat_all_reduce(self.comm, [*values, reached.to(values[0])], "mean")
+        counts = reduced[-1]
+        for p, value, count in zip(params, reduced[:-1], counts.tolist()):
+            if count > 0:
+                writes.record([p])
+                accumulate(p, value)
         self._leaves.clear()
 
     def close(self) -> None:
@@ -470,6 +548,44 @@ class GradientEngine:
         self._leaves.clear()
         if self.taps is not None:
             self.taps.clear()
+
+
+_DDP_SINK = "_DDPSinkBackward"
+
+
+def features_target(features: Tensor) -> Tensor | GradientEdge:
+    """What to take gradients with respect to for ``features=z``: z itself, or, when z went out
+    of a ``DistributedDataParallel(find_unused_parameters=True)`` forward, the tensor it copies.
+
+    DDP then passes every output of the model through one autograd node (its "sink"); the heads
+    consumed z inside the forward, so the losses depend on the z before the sink, which the
+    graph still holds as the sink's input."""
+    node = features.grad_fn
+    if node is not None and type(node).__name__ == _DDP_SINK:
+        inner, index = node.next_functions[features.output_nr]
+        if inner is not None:
+            return GradientEdge(inner, index)
+    return features
+
+
+@contextmanager
+def replaced_gradient(features: Tensor, replacement: Tensor) -> Iterator[None]:
+    """During the block, the gradient that reaches z (see :func:`features_target`) is
+    ``replacement``, whatever flows from the losses."""
+    target = features_target(features)
+    if isinstance(target, Tensor):
+        handle = target.register_hook(lambda _grad: replacement)
+    else:
+        index = target.output_nr
+
+        def swap(grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+            return tuple(replacement if i == index else g for i, g in enumerate(grad_outputs))
+
+        handle = target.node.register_prehook(swap)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _features_not_in_graph(features: Tensor) -> InputError:

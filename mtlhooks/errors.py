@@ -32,6 +32,11 @@ class GradientError(MTLError, RuntimeError):
     nothing was written."""
 
 
+class DistributedError(MTLError, RuntimeError):
+    """Another process of a data-parallel run failed in the same ``backward()`` call (its own
+    error says why); this process stops too rather than wait for it."""
+
+
 class MTLWarning(UserWarning):
     """Something mtlhooks does differently from what the call seems to ask (e.g. ``features=``
     passed in a space that does not use it)."""
