@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from mtlhooks import MTL
+from mtlhooks import MTL, Family
 from mtlhooks.errors import NonFiniteError
 
 
@@ -46,6 +46,45 @@ def test_accumulated_micro_steps_equal_one_big_batch(make_problem, plugins):
     torch.testing.assert_close(report.weights, big_report.weights)
     for (name, a), b in zip(model.named_parameters(), big_model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        [{"name": "uw_so"}, {"name": "gradstats", "every": 2}],
+        [{"name": "static", "weights": {"a": 2.0}}, {"name": "gradstats", "every": 3}],
+        [{"name": "dwa", "temperature": 0.5}],
+        [{"name": "gradstats", "every": 2}],
+        [{"name": "uw_so"}, {"name": "gradstats", "every": 4}, "pcgrad"],
+    ],
+)
+def test_every_window_is_one_big_batch_whatever_the_calls_want(make_problem, plugins):
+    """Space params (exact), several optimizer steps of K=3 micro-steps, with plugins that
+    want per-task gradients at some calls only (an observer every N calls) or never (loss
+    scaling alone): every window's .grad and weights equal one call on the window's batch, and
+    stateful plugins advance once per window."""
+    problem = make_problem()
+    config = {"tasks": problem.tasks, "plugins": plugins, "space": "params", "seed": 3}
+    big_model, model = copy.deepcopy(problem.model), copy.deepcopy(problem.model)
+    big, mtl = MTL(config, shared=big_model.encoder), MTL(config, shared=model.encoder)
+    generator = torch.Generator().manual_seed(5)
+    for window in range(4):
+        x = torch.randn(9, 5, dtype=torch.float64, generator=generator)
+        for net in (big_model, model):
+            for p in net.parameters():
+                p.grad = None
+        expected = big.backward(losses_on(problem, big_model, x)[1])
+        chunks = x.split(3)
+        for k, chunk in enumerate(chunks):
+            _, losses = losses_on(problem, model, chunk)
+            last = k == len(chunks) - 1
+            report = mtl.backward({t: v / len(chunks) for t, v in losses.items()}, sync=last)
+        torch.testing.assert_close(report.weights, expected.weights, msg=f"window {window}")
+        for (name, a), b in zip(model.named_parameters(), big_model.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=f"{name}, window {window}")
+    for key, plugin in big.plugins.items():
+        if plugin.family is not Family.OBSERVER:  # observers count calls, not windows
+            assert repr(plugin.state_dict()) == repr(mtl.plugins[key].state_dict()), key
 
 
 @pytest.mark.parametrize("space", ["params", "last_shared", "features"])

@@ -88,6 +88,7 @@ def backward(
     sync: bool = True,
     accumulation_steps: int = 1,
     loss_scale: float | Tensor | GradScalerLike | None = None,
+    batch_size: int | None = None,
 ) -> StepReport:
     """``mtl.backward`` for one micro-step of a loop that accumulates ``accumulation_steps``
     micro-steps per optimizer step: divides every loss by ``accumulation_steps`` (as
@@ -100,7 +101,9 @@ def backward(
         raise InputError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
     if accumulation_steps > 1:
         losses = {task: loss / accumulation_steps for task, loss in losses.items()}
-    return mtl.backward(losses, features=features, sync=sync, loss_scale=loss_scale)
+    return mtl.backward(
+        losses, features=features, sync=sync, loss_scale=loss_scale, batch_size=batch_size
+    )
 
 
 def check(mtl: MTL, *models: nn.Module) -> None:
