@@ -485,11 +485,7 @@ class MTL:
     def state_dict(self) -> dict[str, Any]:
         """Plugin states, the step counter and the generator: a resumed run continues
         bit-for-bit after :meth:`load_state_dict`."""
-        if self._pending is not None:
-            raise InputError(
-                "state_dict() in the middle of gradient accumulation: save after the "
-                "backward(..., sync=True) of the optimizer step"
-            )
+        self.check_can_save()
         return {
             "version": 1,
             "tasks": list(self.tasks),
@@ -497,6 +493,17 @@ class MTL:
             "generator": self.generator.get_state(),
             "plugins": {key: plugin.state_dict() for key, plugin in self.plugins.items()},
         }
+
+    def check_can_save(self) -> None:
+        """Raise :class:`InputError` where :meth:`state_dict` would (in the middle of an
+        accumulation window of space params, whose per-task gradients are not state): for
+        checkpointing code that must refuse before it writes anything else."""
+        if self._pending is not None:
+            raise InputError(
+                "cannot save in the middle of gradient accumulation: the per-task gradients "
+                "of the window's micro-steps are not part of the state. Save after the "
+                "backward(..., sync=True) of the optimizer step (nothing was written)"
+            )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; the config must have the same tasks and plugins.
@@ -537,6 +544,7 @@ class MTL:
             raise InputError(f"cannot load the saved state: {error}; nothing was loaded") from error
         self._index = index
         self._pending = None
+        self._window_on_fast_path = False
 
     def close(self) -> None:
         """Let plugins flush and close their outputs (fires ``mtl_close``) and remove the

@@ -811,6 +811,37 @@ def test_features_copied_by_accelerate_mixed_precision_get_a_clear_error() -> No
         mtl.backward(data.losses(outputs, {t: data.y_train[t][:8] for t in TASKS}), features=z)
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_save_state_in_the_middle_of_a_window_writes_nothing(tmp_path: Path) -> None:
+    """``accelerator.save_state`` between the micro-steps of space params is refused before
+    Accelerate writes the model, optimizer or RNG files (it used to write them, then fail)."""
+    from accelerate import Accelerator
+
+    from mtlhooks.integrations.accelerate import AcceleratedMTL
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    data, model = problem(torch.float64)
+    config = {"tasks": TASKS, "plugins": ["pcgrad"], "space": "params"}
+    mtl = AcceleratedMTL(accelerator, config, shared=model.encoder)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    net, optimizer = accelerator.prepare(model, optimizer)
+    x, y = data.x_train[:4], {t: v[:4] for t, v in data.y_train.items()}
+    with mtl.accumulate(net):
+        z, outputs = net(x)
+        assert mtl.backward(data.losses(outputs, y)).accumulating
+    target = tmp_path / "checkpoint"
+    with pytest.raises(InputError, match="nothing was written"):
+        accelerator.save_state(str(target))
+    assert not target.exists() or not any(target.iterdir())
+    with mtl.accumulate(net):
+        z, outputs = net(x)
+        mtl.backward(data.losses(outputs, y))
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.save_state(str(target))
+    assert any(target.iterdir())
+
+
 def test_a_skipped_synchronising_micro_step_ends_the_accumulation_window() -> None:
     """Space params with ``on_nonfinite: skip``: a non-finite loss at the micro-step that
     synchronises skips the optimizer step; the micro-steps before it must not leak into the next

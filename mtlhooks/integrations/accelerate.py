@@ -191,11 +191,18 @@ class AcceleratedMTL:
         self.mtl.to(accelerator.device)
         if checkpoint:
             accelerator.register_for_checkpointing(self.mtl)
+            # save_state writes the model, optimizer and RNG files before it asks registered
+            # objects for their state: refuse a save in the middle of an accumulation window
+            # before anything is written.
+            accelerator.register_save_state_pre_hook(self._refuse_mid_window)
         if log:
             for plugin in self.mtl.plugins.values():
                 attach = getattr(plugin, "attach", None)
                 if plugin.family is Family.OBSERVER and callable(attach):
                     attach(accelerator)
+
+    def _refuse_mid_window(self, models: Any, weights: Any, output_dir: str) -> None:
+        self.mtl.check_can_save()
 
     # -- the loop ---------------------------------------------------------------------------------
 
