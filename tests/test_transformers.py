@@ -21,12 +21,12 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments
 
-from mtlhooks import MTL, ConfigError, InputError  # noqa: E402
-from mtlhooks.integrations.accelerate import AcceleratedMTL  # noqa: E402
-from mtlhooks.integrations.transformers import STATE_FILE, MTLTrainer  # noqa: E402
-from mtlhooks.problems import MultiTaskMLP, make_regression  # noqa: E402
+from mtlhooks import MTL, ConfigError, InputError
+from mtlhooks.integrations.accelerate import AcceleratedMTL
+from mtlhooks.integrations.transformers import STATE_FILE, MTLTrainer
+from mtlhooks.problems import MultiTaskMLP, make_regression
 
 TASKS = ("t0", "t1", "t2")
 PCGRAD = {"tasks": TASKS, "seed": 3, "space": "params", "plugins": ["pcgrad", "gradstats"]}
@@ -329,7 +329,7 @@ def test_refusals_name_the_fix(tmp_path: Path) -> None:
     run = MTLTrainer(
         model=NoLosses(), args=arguments(tmp_path), train_dataset=Rows(data, 48), mtl=loss_level
     )
-    with pytest.raises(InputError, match="'losses': {task: scalar loss}"):
+    with pytest.raises(InputError, match=r"'losses': \{task: scalar loss\}"):
         run.compute_loss(run.model, {"x": data.x_train[:4]})
 
 
