@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import runpy
 import sys
 import traceback
 import warnings
@@ -476,6 +477,18 @@ def test_wrong_calls_name_the_right_one() -> None:
     with pytest.raises(NotImplementedError, match="configure_mtl"):
         MTLModule().configure_mtl()
     copy.deepcopy(net)  # the module stays copyable (Lightning deep-copies modules at times)
+
+
+def test_the_example_runs_as_written(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """``examples/lightning_train.py``, small: automatic and manual optimisation."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "lightning_train.py"
+    for extra in ([], ["--manual", "--space", "features", "--plugins", "mgda"]):
+        argv = ["lightning_train.py", "--steps", "4", "--n-train", "128", *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(str(script), run_name="__main__")
+        out = capsys.readouterr().out
+        assert "gradient space: " + ("features" if extra else "params") in out
+        assert "test RMSE / σ" in out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ optimizer step.
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import sys
 import traceback
@@ -331,6 +332,22 @@ def test_refusals_name_the_fix(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match=r"'losses': \{task: scalar loss\}"):
         run.compute_loss(run.model, {"x": data.x_train[:4]})
+
+
+def test_the_example_runs_and_resumes(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_path: Path
+) -> None:
+    """``examples/transformers_train.py``, small: 4 steps saving at 2 and 4, then resumed from
+    the last checkpoint for 2 more."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "transformers_train.py"
+    common = ["--n-train", "128", "--save-steps", "2", "--output-dir", str(tmp_path)]
+    for extra in (["--steps", "4"], ["--steps", "6", "--resume"]):
+        monkeypatch.setattr(sys, "argv", ["transformers_train.py", *common, *extra])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runpy.run_path(str(script), run_name="__main__")
+        assert "test RMSE / σ" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint-6" / STATE_FILE).is_file()
 
 
 if __name__ == "__main__":
