@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -13,7 +15,6 @@ from mtlhooks import stats
 from mtlhooks.backends import (
     Backend,
     LoggingConfig,
-    Tracker,
     TrackerBackend,
     backends_from,
 )
@@ -64,6 +65,15 @@ def block_statistics(gramian: Tensor, tasks: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+def _takes_step(log: Callable[..., Any]) -> bool:
+    """Whether ``log`` accepts a ``step`` keyword."""
+    try:
+        parameters = inspect.signature(log).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: assume the tracker protocol
+        return True
+    return any(p.name == "step" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class GradStats(Plugin):
     """Logs task-gradient norms and imbalance, cosines, magnitude similarity and conflict rate.
 
@@ -108,17 +118,54 @@ class GradStats(Plugin):
     def wants_gradients(self, index: int) -> bool:
         return index % self.config.every == 0
 
-    def attach(self, target: Tracker | Backend, *, prefix: str | None = None) -> None:
-        """Send records to ``target`` as well: a tracker with ``log(values, step=...)`` (an
-        ``accelerate.Accelerator`` reaches every tracker it was built with) or a backend of
-        :mod:`mtlhooks.backends`. Tracker keys are ``"<prefix>/<statistic>/<task>"``, prefix
-        ``"gradstats"`` by default."""
+    def attach(
+        self,
+        target: Any,
+        *,
+        prefix: str | None = None,
+        step: Callable[[], int] | None = None,
+    ) -> None:
+        """Send records to ``target`` as well. Accepted targets:
+
+        - a backend of :mod:`mtlhooks.backends` (``write``/``close``);
+        - a Lightning logger (``log_metrics(metrics, step)``), or a list of them
+          (``trainer.loggers``);
+        - a tracker with ``log(values, step=...)``: an ``accelerate.Accelerator`` reaches every
+          tracker it was built with; a ``wandb`` run;
+        - an object whose ``log(values)`` takes no step, such as the Hugging Face
+          ``transformers.Trainer`` (which adds its own ``global_step`` to every entry).
+
+        Keys are ``"<prefix>/<statistic>/<task>"``, prefix ``"gradstats"`` by default; only the
+        finite numbers of a record are sent. ``step`` gives the step to log at (e.g.
+        ``lambda: trainer.global_step``); default: the record's ``backward()`` call index.
+        """
         if callable(getattr(target, "write", None)) and callable(getattr(target, "close", None)):
             backend: Any = target
             self.backends.append(backend)
+            return
+        if isinstance(target, (list, tuple)):
+            for item in target:
+                self.attach(item, prefix=prefix, step=step)
+            return
+
+        def at(record_step: int) -> int:
+            return record_step if step is None else int(step())
+
+        log_metrics = getattr(target, "log_metrics", None)
+        log = getattr(target, "log", None)
+        tracker: Any
+        if callable(log) and not _takes_step(log):
+            # transformers.Trainer.log(logs) takes no step= and adds its own global_step (its
+            # log_metrics(split, metrics) is a printer, not a Lightning logger's method).
+            tracker = SimpleNamespace(log=lambda values, step: log(values))
+        elif callable(log_metrics):
+            # Lightning loggers: log_metrics(metrics, step), rank-zero only by Lightning's design.
+            tracker = SimpleNamespace(log=lambda values, step: log_metrics(values, step=at(step)))
+        elif callable(log) and step is not None:
+            tracker = SimpleNamespace(log=lambda values, step: log(values, step=at(step)))
         else:
-            tracker: Any = target
-            self.backends.append(TrackerBackend(tracker, prefix=prefix or self.name))
+            tracker = target  # TrackerBackend refuses an object without log()
+        self.backends.append(TrackerBackend(tracker, prefix=prefix or self.name))
 
     def split_batch(
         self, per_sample_losses: Mapping[str, Tensor], inputs: Iterable[Tensor]
