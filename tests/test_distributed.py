@@ -640,6 +640,7 @@ def _stub_accelerator(kind: Any, processes: int = 1) -> Any:
         num_processes=processes,
         device=torch.device("cpu"),
         register_for_checkpointing=lambda *objects: None,
+        register_save_state_pre_hook=lambda hook: None,
     )
 
 
