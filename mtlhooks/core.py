@@ -778,7 +778,10 @@ class MTL:
         tensors = list(extra)
         if step.loss_scale is None:
             tensors += self._writes.written()
-        return hostsync.host_flag(hostsync.all_finite(tensors))
+        if hostsync.host_flag(hostsync.all_finite(tensors)):
+            return True
+        # The quick check can suspect entries near the dtype's largest value: make sure.
+        return not hostsync.confirm_nonfinite(tensors)
 
     def _call_kind(self, sync: bool) -> str:
         """How this call runs, decided alike on every rank: ``fast`` (one weighted backward),

@@ -4,20 +4,29 @@ One call of :meth:`mtlhooks.MTL.backward` runs this pipeline (per micro-step, i.
 
     mtl.backward({"seg": l_seg, "depth": l_depth}, features=z)
     │
-    ├─ validate: task names, scalar losses with a graph, finite values (policy ``on_nonfinite``)
+    ├─ validate: task names, scalar floating-point losses computed from the model
     └─ mtl_backward(step)                      wrapper hooks around the whole call
        ├─ per-task gradients of the unweighted losses in the space chosen once at construction
-       │  (features / last_shared / params) → step.gradients; a non-finite Gramian follows
-       │  ``on_nonfinite`` before any plugin has seen the step
+       │  (features / last_shared / params) → step.gradients, synchronised across processes
+       │  (the losses' all-reduce carries every rank's status: a rank that failed stops all)
        ├─ mtl_scale_losses(step)               loss scaling, config order, chained via step.weights
-       ├─ mtl_balance(step)                    norm balancing, config order, chained likewise
+       ├─ one copy to the host of the losses, their weights and the Gramian; a non-finite
+       │  value follows ``on_nonfinite`` (raise or skip) before any later plugin sees the step
+       ├─ mtl_balance(step)                    norm balancing, config order, on host tensors
        ├─ mtl_aggregate(step) -> weights       the one aggregator (default: plain sum, α = 1)
        │  or mtl_combine(step) -> gradient     for coordinate-wise aggregators
-       └─ write .grad (accumulating, like Tensor.backward) and back-propagate auxiliary losses
+       └─ write .grad (accumulating, like Tensor.backward) and back-propagate auxiliary losses;
+          then one check that everything written is finite (else put back: ``on_nonfinite``)
     mtl_observe(report)                        observers, after everything, read-only
 
     optimizer.step(); mtl.after_step(new_losses)   optional, for FAMO-like methods
     └─ mtl_after_step(index, losses)
+
+All or nothing: a call that raises (in any hook, observers included) or is skipped leaves every
+``.grad``, every plugin's ``state_dict()``, the generator and the step counter as they were
+before it (:mod:`mtlhooks.transaction`); only a skipped call's report reaches the observers.
+So a plugin keeps everything that changes across calls in its ``state_dict()``, and
+``load_state_dict()`` restores it exactly.
 
 Ordering: implementations of one hook run in the order their plugins appear in the config, and
 observers after every other family, whatever the registration order; ``tryfirst``/``trylast``
@@ -68,8 +77,9 @@ def mtl_backward(step: Step) -> StepReport | None:
 def mtl_scale_losses(step: Step) -> None:
     """Loss scaling: set new per-task weights from loss values. Fires once per ``backward()``
     (once per optimizer step under accumulation in space ``params``), for every loss-scaling
-    plugin in config order, after the losses (and any per-task gradients) were found finite and
-    before the gradients are balanced and combined: a skipped step never reaches it.
+    plugin in config order, before the finiteness checks and before the gradients are balanced
+    and combined; a call that is then skipped or fails gets its effect on the plugin's state
+    undone (see the all-or-nothing rule above).
 
     Read ``step.losses`` (detached values, shape ``(T,)``) and the weights set so far
     ``step.weights``; assign the new weights to ``step.weights`` (shape ``(T,)``, detached,
@@ -87,7 +97,9 @@ def mtl_balance(step: Step) -> None:
     norm-balancing plugin in config order.
 
     ``step.gramian()`` and ``step.grad_norms()`` give the Gramian and norms of the *weighted*
-    task gradients ``weights[i] * ∇L_i``; assign new weights to ``step.weights``.
+    task gradients ``weights[i] * ∇L_i``; assign new weights to ``step.weights``. From this
+    stage on ``step.losses``, ``step.weights`` and the Gramian are host (CPU) tensors: a solver
+    never waits for the device (``step.gradients.blocks`` stay where they were computed).
 
     :param step: the state of this call.
     """

@@ -68,21 +68,28 @@ def counting() -> Iterator[list[int]]:
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """One device-side flag, True when every entry of every tensor is finite; no host sync.
 
-    Large tensors (gradients) go through the fused kernel GradScaler uses to look for infs (one
-    launch per device and dtype, reading each tensor once; it multiplies by 1 in place, which
-    changes no value); small ones (losses, weights) and tensors that cannot be written in place
-    through ``isfinite``.
+    It reads each tensor once. On CUDA through the fused kernel GradScaler uses to look for
+    infs (one launch per dtype; it multiplies by 1 in place, which changes no value). On the
+    CPU, where that kernel is a slow scalar loop, through each tensor's sum: a NaN or an
+    infinity makes the sum non-finite, so a finite sum proves every entry finite; a sum that
+    overflows although every entry is finite (entries near the dtype's largest value) is only
+    a suspicion, which :func:`confirm_nonfinite` settles on the failure path.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    small: list[Tensor] = []
+    flags: list[Tensor] = []
+    small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
-        if tensor.numel() <= _SMALL or not tensor.is_contiguous():
-            small.append(tensor)
+        key = (tensor.device, tensor.dtype)
+        if tensor.numel() <= _SMALL:
+            small.setdefault(key, []).append(tensor.reshape(-1))
+        elif tensor.device.type == "cuda" and tensor.is_contiguous():
+            groups.setdefault(key, []).append(tensor)
         else:
-            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    flags = [torch.isfinite(t).all() for t in small]
+            flags.append(torch.isfinite(tensor.sum()))
+    # Small tensors (biases, losses, weights) in one go per device and dtype.
+    flags.extend(torch.isfinite(torch.cat(parts)).all() for parts in small.values())
     for (device, _), group in groups.items():
         found = torch.zeros(1, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
@@ -93,6 +100,15 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
         return flags[0]
     first = flags[0].device
     return torch.stack([flag.to(first) for flag in flags]).all()
+
+
+def confirm_nonfinite(tensors: list[Tensor]) -> bool:
+    """Whether some entry really is NaN or infinite (the failure path after
+    :func:`all_finite` said no: reads every tensor entry by entry)."""
+    return any(
+        tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        for tensor in tensors
+    )
 
 
 _SMALL = 4096
