@@ -11,6 +11,7 @@ from mtlhooks.errors import (
     InputError,
     MTLError,
     NonFiniteError,
+    OutputError,
     PluginError,
     SolverError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "MTLError",
     "Need",
     "NonFiniteError",
+    "OutputError",
     "Plugin",
     "PluginConfig",
     "PluginError",
