@@ -8,28 +8,61 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from mtlhooks import registry
-from mtlhooks.config import config_json_schema, load_config
+from mtlhooks.config import MTLConfig, config_json_schema, load_config
 from mtlhooks.errors import MTLError
+from mtlhooks.plugin import Space
+from mtlhooks.progress import terminal_width
+
+
+def _json_type(schema: dict[str, Any]) -> str | list[str] | None:
+    """The JSON-schema type of a field's schema: a name, or a list of names for a union."""
+    if "type" in schema:
+        kind: str | list[str] = schema["type"]
+        return kind
+    if "anyOf" in schema:
+        names: list[str] = []
+        for member in schema["anyOf"]:
+            found = _json_type(member)
+            for name in [found] if isinstance(found, str) else found or []:
+                if name not in names:
+                    names.append(name)
+        return names
+    if "const" in schema or "enum" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        kinds = {"string" if isinstance(v, str) else "number" for v in values}
+        return kinds.pop() if len(kinds) == 1 else sorted(kinds)
+    return None
 
 
 def plugin_rows() -> list[dict[str, Any]]:
-    """One entry per plugin: name, family, spaces, summary, source and config fields."""
+    """One entry per plugin: name, family, spaces, summary, source and config fields. Each
+    field has its JSON-schema ``type`` (a name such as ``"number"``, or a list for a union),
+    its full JSON ``schema`` (bounds, enums), and its ``default`` as a JSON value."""
     rows = []
     for info in registry.available_plugins():
+        properties = info.config_model.model_json_schema(mode="serialization").get("properties", {})
         fields = []
         for field_name, field in info.config_model.model_fields.items():
+            schema = {
+                key: value
+                for key, value in properties.get(field_name, {}).items()
+                if key not in ("title", "description", "default")
+            }
             default = field.get_default(call_default_factory=True)
             fields.append(
                 {
                     "name": field_name,
-                    "type": str(field.annotation).replace("typing.", ""),
-                    "default": default
-                    if isinstance(default, (int, float, str, bool)) or default is None
-                    else repr(default),
+                    "type": _json_type(schema),
+                    "schema": schema,
+                    "default": to_jsonable_python(default),
                     "description": field.description or "",
                 }
             )
@@ -49,14 +82,73 @@ def plugin_rows() -> list[dict[str, Any]]:
 def _cmd_plugins(args: argparse.Namespace) -> int:
     rows = plugin_rows()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
+    width = max(terminal_width(sys.stdout), 60)
     for row in rows:
-        spaces = ",".join(row["spaces"]) or "-"
-        print(f"{row['name']:<12} {row['family']:<15} {spaces:<28} {row['summary']}")
+        spaces = ", ".join(row["spaces"]) or "no gradients"
+        print(f"{row['name']}  ({row['family']}; {spaces})")
+        for line in textwrap.wrap(row["summary"], width - 4):
+            print(f"    {line}")
         for field in row["fields"]:
-            print(f"{'':<14}{field['name']} = {field['default']!r}: {field['description']}")
+            kind = field["type"]
+            kind = " | ".join(kind) if isinstance(kind, list) else kind or "any"
+            if "enum" in field["schema"]:
+                kind = "one of " + ", ".join(json.dumps(v) for v in field["schema"]["enum"])
+            text = f"{field['name']} = {json.dumps(field['default'], ensure_ascii=False)} "
+            text += f"({kind}): {field['description']}"
+            wrapped = textwrap.wrap(text, width - 6, subsequent_indent="    ")
+            for line in wrapped:
+                print(f"      {line}")
     return 0
+
+
+def _space_lines(config: MTLConfig) -> list[str]:
+    """What ``space`` resolves to for these plugins, and whether that depends on the model."""
+    needs = {
+        Space.PARAMS: "MTL needs shared=",
+        Space.LAST_SHARED: "MTL needs last_shared= or a shared= module",
+        Space.FEATURES: "backward() needs features=z",
+        Space.NONE: "one weighted backward, the cost of a plain step",
+    }
+    if config.space != "auto":
+        return [f"space: {config.space} (set in the config; {needs[Space(config.space)]})"]
+    users = config.gradient_plugins()
+    if not users:
+        return ["space: auto → none for any model: no plugin reads per-task gradients"]
+    cases = {
+        "given shared= (a module)": (True, True),
+        "given last_shared= alone": (False, True),
+        "given neither": (False, False),
+    }
+    conditions: dict[str, list[str]] = {}
+    for case, (shared, last_shared) in cases.items():
+        try:
+            space = config.resolve_space(shared=shared, last_shared=last_shared).value
+        except MTLError:
+            space = "an error"
+        conditions.setdefault(space, []).append(case)
+    voters = [e for e in users if e.info.family.value != "observer"] or users
+    firsts = {e.name: e.info.spaces[0].value for e in voters}
+    if len(set(firsts.values())) == 1:
+        why = f"the first choice of {', '.join(firsts)}"
+    else:
+        listed = ", ".join(f"{name} {space}" for name, space in firsts.items())
+        why = f"first choices differ ({listed}): the most exact space all support"
+    if len(voters) < len(users):
+        why += " (observers do not vote)"
+    if len(conditions) == 1:
+        (space,) = conditions
+        supported = ", ".join(s.value for s in config.common_spaces())
+        return [
+            f"space: auto → {space} for any model: the plugins support only {supported} "
+            f"({needs[Space(space)]})"
+        ]
+    told = [f"{space} {' or '.join(cases)}" for space, cases in conditions.items()]
+    lines = [f"space: auto → {'; '.join(told)}", f"  why: {why}"]
+    if "features" in conditions:
+        lines.append(f"  in space features, {needs[Space.FEATURES]}")
+    return lines
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -66,7 +158,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"invalid: {error}", file=sys.stderr)
         return 1
     names = ", ".join(p.name for p in config.plugins) or "no plugin"
-    print(f"valid: tasks {list(config.tasks)}, plugins: {names}, space: {config.space}")
+    print(f"valid: tasks {list(config.tasks)}, plugins: {names}")
+    for line in _space_lines(config):
+        print(line)
     return 0
 
 
@@ -154,13 +248,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.run(args)
+        with warnings.catch_warnings():
+            # A command's warnings are for the person at the terminal: one plain line each.
+            warnings.showwarning = _show_warning
+            code: int = args.run(args)
+        sys.stdout.flush()
     except MTLError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left early (`mtlhooks plugins | head`): stop quietly, as `cat` does.
+        # Standard output is pointed at /dev/null so that the flush at exit does not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return code
 
 
