@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,39 @@ from mtlhooks.config import MTLConfig, config_json_schema, load_config
 from mtlhooks.errors import MTLError
 from mtlhooks.plugin import Space
 from mtlhooks.progress import terminal_width
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed of ``torch.Generator`` (0 ≤ seed < 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
 
 
 def _json_type(schema: dict[str, Any]) -> str | list[str] | None:
@@ -220,10 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(run=_cmd_schema)
 
     demo = commands.add_parser("demo", help="train several configurations on a built-in problem")
-    demo.add_argument("--steps", type=int, default=1500, help="optimizer steps per configuration")
+    demo.add_argument(
+        "--steps", type=positive_int, default=1500, help="optimizer steps per configuration"
+    )
     demo.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
-    demo.add_argument("--lr", type=float, default=None, help="default: 3e-3 (adam), 1e-6 (sgd)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--lr", type=positive_float, default=None, help="default: 3e-3 (adam), 1e-6 (sgd)"
+    )
+    demo.add_argument("--seed", type=seed, default=0)
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_cmd_demo)

@@ -410,6 +410,8 @@ def load_config(source: MTLConfig | Mapping[str, Any] | str | Path) -> MTLConfig
                 f"cannot use {_shortened(path)} as a config path: {error.strerror or error}"
             ) from None
         if not found:
+            if path.is_dir():
+                raise ConfigError(f"{path} is a directory, not a config file")
             raise ConfigError(f"config file not found: {path}")
         origin = str(path)
         data = _read_file(path)

@@ -594,6 +594,8 @@ def plot_toy(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtlhooks plot``."""
+    from mtlhooks.cli import positive_float, positive_int
+
     parser.add_argument("source", help="a JSONL file written by the gradstats observer, or 'toy'")
     parser.add_argument(
         "-o",
@@ -611,15 +613,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     toy.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=TOY_STEPS,
         help="most Adam steps per start point (a trajectory ends earlier where it is "
         "Pareto-stationary)",
     )
-    toy.add_argument("--lr", type=float, default=TOY_LR, help="Adam learning rate")
+    toy.add_argument("--lr", type=positive_float, default=TOY_LR, help="Adam learning rate")
     toy.add_argument(
         "--first-scale",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="multiply L₁ (Nash-MTL's imbalanced variant uses 0.1)",
     )
@@ -630,11 +632,6 @@ def run(args: argparse.Namespace) -> int:
     """Carry out ``mtlhooks plot``; print the path written."""
     out = check_output(args.output)
     if args.source == "toy":
-        for option, value in (("--steps", args.steps), ("--lr", args.lr)):
-            if not (value > 0 and math.isfinite(value)):
-                raise InputError(f"{option} must be a positive number, got {value}")
-        if not (math.isfinite(args.first_scale) and args.first_scale > 0):
-            raise InputError(f"--first-scale must be a positive number, got {args.first_scale}")
         if args.methods is None:
             methods = toy_methods()
         else:

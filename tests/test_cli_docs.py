@@ -193,3 +193,25 @@ def test_bench_quick_json_has_the_documented_layout(capsys):
         if case["space"] == "params":
             assert case["ratio_to_floor"] > 0
     json.dumps(result)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["demo", "--lr", "-1"], "argument --lr: must be a finite number > 0, got -1"),
+        (["demo", "--seed", str(2**64)], "argument --seed: must be in [0, 2**64)"),
+        (["plot", "toy", "-o", "t.png", "--lr", "nan"], "argument --lr: must be a finite number"),
+        (["plot", "toy", "-o", "t.png", "--steps", "x"], "expected a whole number, got 'x'"),
+    ],
+)
+def test_bad_numbers_on_the_command_line_are_refused_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_validate_refuses_a_directory_clearly(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 1
+    assert f"invalid: {tmp_path} is a directory, not a config file" in capsys.readouterr().err

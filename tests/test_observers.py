@@ -256,8 +256,17 @@ def test_split_batch_gives_the_half_batch_baseline(problem):
 
 def test_split_batch_statistics_refuses_too_small_batches():
     x = torch.ones(1, requires_grad=True)
-    with pytest.raises(ValueError, match="n >= 2"):
+    with pytest.raises(InputError, match="n >= 2"):
         stats.split_batch_statistics({"a": x * 2}, [x])
+
+
+def test_split_batch_without_a_graph_is_an_input_error(problem):
+    mtl = MTL({"tasks": TASKS, "plugins": ["gradstats"]}, shared=problem.model.encoder)
+    with torch.no_grad():
+        _, outputs = problem.model(problem.x)
+    per_sample = {t: outputs[t].pow(2).mean(1) for t in TASKS}
+    with pytest.raises(InputError, match=r"split_batch: .* with a graph \(not under torch.no_grad"):
+        mtl.plugins["gradstats"].split_batch(per_sample, problem.model.encoder.parameters())
 
 
 def test_group_matching_nothing_is_refused_at_construction(problem, tmp_path):

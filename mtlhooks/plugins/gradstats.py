@@ -146,7 +146,13 @@ class GradStats(Plugin):
             )
         if not self.wants_gradients(self._next_index):
             return False
-        self._pending_split = stats.split_batch_statistics(per_sample_losses, list(inputs))
+        try:
+            self._pending_split = stats.split_batch_statistics(per_sample_losses, list(inputs))
+        except RuntimeError as error:  # autograd: a loss without a graph reaching the inputs
+            raise InputError(
+                "split_batch: the per-sample losses must be computed from `inputs` with a graph "
+                f"(not under torch.no_grad(), not detached): {error}"
+            ) from None
         return True
 
     def _resolve_groups(self, setup: Setup) -> dict[str, list[str]]:
