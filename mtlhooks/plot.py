@@ -22,8 +22,7 @@ import argparse
 import json
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +221,7 @@ def _log_scale_if_positive(ax: Any, records: Sequence[dict[str, Any]], key: str)
         if isinstance(v, float | int) and math.isfinite(v)
     ]
     if values and min(values) > 0:
-        ax.set_yscale("log")
+        ax.set_yscale("log", nonpositive="mask")
 
 
 def _legend(ax: Any, count: int, **options: Any) -> None:
@@ -327,7 +326,8 @@ def plot_run(records: Sequence[dict[str, Any]], out: str | Path, *, title: str =
         if (weighted_steps, weighted) != (steps, values) and weighted_steps:
             same = False
             norm_ax.plot(weighted_steps, weighted, color=_task_colour(index), linestyle="--")
-    norm_ax.set_yscale("log")
+    # Zero norms (a weight of 0, say) leave gaps rather than lines plunging off the axis.
+    norm_ax.set_yscale("log", nonpositive="mask")
     norm_ax.set_ylabel("‖∇Lᵢ‖ (log scale)")
     if any("weighted_grad_norms" in r for r in records):
         norm_ax.set_title(
@@ -347,7 +347,7 @@ def plot_run(records: Sequence[dict[str, Any]], out: str | Path, *, title: str =
     ratio_ax = conflict_ax.twinx()
     steps, values = _series(records, "norm_imbalance", "max_min_ratio")
     (ratio,) = ratio_ax.plot(steps, values, color="tab:red", label="max/min ‖∇Lᵢ‖ (right)")
-    ratio_ax.set_yscale("log")
+    ratio_ax.set_yscale("log", nonpositive="mask")
     ratio_ax.set_ylabel("max ‖∇Lᵢ‖ / min ‖∇Lᵢ‖ (log scale)", color="tab:red")
     conflict_ax.legend(handles=[conflicts, ratio], loc="best", fontsize="x-small")
 
@@ -411,18 +411,6 @@ def _toy_gradients(x: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Te
     )
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    # Two-dimensional tensors: more threads only contend for the cores (much slower on a
-    # busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def toy_trajectories(
     methods: dict[str, list[Any]],
     *,
@@ -446,10 +434,7 @@ def toy_trajectories(
     """
     start_points = toy_start_points("cagrad", dtype=torch.float64) if starts is None else starts
     result: dict[str, list[Tensor]] = {}
-    with (
-        _one_thread(),
-        ProgressBar(len(methods) * len(start_points) * steps, "toy", enabled=progress) as bar,
-    ):
+    with ProgressBar(len(methods) * len(start_points) * steps, "toy", enabled=progress) as bar:
         for name, plugins in methods.items():
             result[name] = []
             for start in start_points:

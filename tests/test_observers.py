@@ -640,3 +640,30 @@ def test_step_report_repr_is_one_screen(make_problem):
     assert lines[0] == "StepReport(step 0, space params, 40 tasks, written)"
     assert "task_0=" in text and "(+3" in text and "40×40 float64, 4 blocks" in text
     assert str(report) == text
+
+
+def test_tensorboard_resume_purges_the_steps_recorded_again(tmp_path, monkeypatch):
+    """TensorBoard drops events at or after `purge_step` of a new writer: a resumed run must
+    open its writer with the resumed index. A stand-in writer records how it was opened."""
+    import sys
+    import types
+
+    from mtlhooks.backends import TensorBoardBackend
+
+    opened = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            opened.append((log_dir, purge_step))
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    backend = TensorBoardBackend(tmp_path)
+    first = backend._writer
+    backend.resume(7)
+    assert opened == [(str(tmp_path), None), (str(tmp_path), 7)] and first.closed
