@@ -331,7 +331,7 @@ def check_writable(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = _temporary_path(path)
-        probe.open("x").close()
+        probe.open("w").close()
         probe.unlink()
     except OSError as error:
         raise _write_error(path, error) from None

@@ -80,7 +80,8 @@ def _json_type(schema: dict[str, Any]) -> str | list[str] | None:
 def plugin_rows() -> list[dict[str, Any]]:
     """One entry per plugin: name, family, spaces, summary, source and config fields. Each
     field has its JSON-schema ``type`` (a name such as ``"number"``, or a list for a union),
-    its full JSON ``schema`` (bounds, enums), and its ``default`` as a JSON value."""
+    its full JSON ``schema`` (bounds, enums), whether it is ``required``, and its ``default``
+    as a JSON value (``null`` for a required field)."""
     rows = []
     for info in registry.available_plugins():
         properties = info.config_model.model_json_schema(mode="serialization").get("properties", {})
@@ -91,12 +92,14 @@ def plugin_rows() -> list[dict[str, Any]]:
                 for key, value in properties.get(field_name, {}).items()
                 if key not in ("title", "description", "default")
             }
-            default = field.get_default(call_default_factory=True)
+            required = field.is_required()
+            default = None if required else field.get_default(call_default_factory=True)
             fields.append(
                 {
                     "name": field_name,
                     "type": _json_type(schema),
                     "schema": schema,
+                    "required": required,
                     "default": to_jsonable_python(default),
                     "description": field.description or "",
                 }
@@ -130,8 +133,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             kind = " | ".join(kind) if isinstance(kind, list) else kind or "any"
             if "enum" in field["schema"]:
                 kind = "one of " + ", ".join(json.dumps(v) for v in field["schema"]["enum"])
-            text = f"{field['name']} = {json.dumps(field['default'], ensure_ascii=False)} "
-            text += f"({kind}): {field['description']}"
+            value = "(required)" if field["required"] else json.dumps(field["default"])
+            text = f"{field['name']} = {value} ({kind}): {field['description']}"
             wrapped = textwrap.wrap(text, width - 6, subsequent_indent="    ")
             for line in wrapped:
                 print(f"      {line}")

@@ -215,3 +215,27 @@ def test_bad_numbers_on_the_command_line_are_refused_before_any_work(capsys, arg
 def test_validate_refuses_a_directory_clearly(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 1
     assert f"invalid: {tmp_path} is a directory, not a config file" in capsys.readouterr().err
+
+
+def test_plugins_lists_a_required_option_of_a_third_party_plugin(registered, capsys):
+    from pydantic import Field
+
+    from mtlhooks import Family, Plugin, PluginConfig
+
+    class NeedsScaleConfig(PluginConfig):
+        scale: float = Field(gt=0, description="A scale, no default.")
+
+    class NeedsScale(Plugin):
+        """Needs a scale."""
+
+        name = "needs_scale"
+        family = Family.LOSS_SCALING
+        Config = NeedsScaleConfig
+
+    registered(NeedsScale)
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    (field,) = rows["needs_scale"]["fields"]
+    assert field["required"] is True and field["default"] is None and field["type"] == "number"
+    assert main(["plugins"]) == 0
+    assert "scale = (required) (number): A scale, no default." in capsys.readouterr().out
