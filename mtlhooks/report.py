@@ -88,19 +88,6 @@ class StepReport:
     def __repr__(self) -> str:
         return self.summary()
 
-
-def _fitted(prefix: str, cells: list[str], count: int, width: int) -> str:
-    """``prefix`` and as many ``cells`` as fit in ``width``, then how many of ``count`` were
-    left out."""
-    line = prefix
-    for shown, cell in enumerate(cells):
-        rest = count - shown - 1
-        suffix = f" … (+{rest})" if rest else ""
-        if len(line) + 1 + len(cell) + len(suffix) > width and shown:
-            return f"{line} … (+{count - shown})"
-        line += " " + cell
-    return line if len(cells) == count else f"{line} … (+{count - len(cells)})"
-
     def as_dict(self) -> dict[str, object]:
         """Plain Python values (floats and lists), e.g. for JSON. Synchronises with the device."""
 
@@ -120,3 +107,16 @@ def _fitted(prefix: str, cells: list[str], count: int, width: int) -> str:
             "gramian": to_list(self.gramian),
             "timings": dict(self.timings),
         }
+
+
+def _fitted(prefix: str, cells: list[str], count: int, width: int) -> str:
+    """``prefix`` and as many ``cells`` as fit in ``width``, then how many of ``count`` were
+    left out."""
+    line = prefix
+    for shown, cell in enumerate(cells):
+        rest = count - shown - 1
+        suffix = f" … (+{rest})" if rest else ""
+        if len(line) + 1 + len(cell) + len(suffix) > width and shown:
+            return f"{line} … (+{count - shown})"
+        line += " " + cell
+    return line if len(cells) == count else f"{line} … (+{count - len(cells)})"
