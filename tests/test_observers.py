@@ -667,3 +667,29 @@ def test_tensorboard_resume_purges_the_steps_recorded_again(tmp_path, monkeypatc
     first = backend._writer
     backend.resume(7)
     assert opened == [(str(tmp_path), None), (str(tmp_path), 7)] and first.closed
+
+
+def test_a_third_party_observer_declares_its_outputs_and_is_checked_too(registered, tmp_path):
+    from mtlhooks import Family, Plugin, PluginConfig
+
+    class DumpConfig(PluginConfig):
+        path: str
+
+    class Dump(Plugin):
+        """Writes somewhere."""
+
+        name = "test_dump"
+        family = Family.OBSERVER
+        Config = DumpConfig
+
+        @classmethod
+        def output_paths(cls, config):
+            return {"path": config.path}
+
+    registered(Dump)
+    shared = str(tmp_path / "same.log")
+    plugins = [{"name": "gradstats", "csv": shared}, {"name": "test_dump", "path": shared}]
+    with pytest.raises(
+        ConfigError, match=r"plugins\[1\] \(test_dump\) path and plugins\[0\] \(gradstats\) csv"
+    ):
+        load_config({"tasks": TASKS, "plugins": plugins})
