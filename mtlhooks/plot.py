@@ -521,12 +521,15 @@ def plot_toy(
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         ax.set_aspect("equal")
-    for ax in axes[-1]:
-        ax.set_xlabel("x₁")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("x₂")
     for ax in list(axes.flat)[count:]:
         ax.set_visible(False)
+    for column in range(columns):
+        # The lowest panel drawn in each column carries the x axis (the last row may be short).
+        lowest = max(row for row in range(rows) if row * columns + column < count)
+        axes[lowest, column].xaxis.set_tick_params(labelbottom=True)
+        axes[lowest, column].set_xlabel("x₁")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("x₂")
     key = [
         Line2D([], [], color="tab:green", linewidth=3, alpha=0.8, label="Pareto set"),
         Line2D(
