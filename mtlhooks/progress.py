@@ -86,7 +86,9 @@ class ProgressBar:
         counts = f"{self.done}/{self.total} {elapsed:.1f}s"
         if 0 < self.done < self.total:
             counts += f" eta {elapsed / self.done * (self.total - self.done):.0f}s"
-        label = _clip(self.label, max(10, room // 3))
+        # Labels padded to one width, so that the bars of successive runs line up.
+        label_room = max(10, room // 3)
+        label = _clip(self.label, label_room).ljust(min(label_room, 24))
         bar_width = room - len(label) - len(counts) - 4  # two spaces and the brackets
         if bar_width < 5:  # too narrow for a bar: the counts first, then what fits of the label
             label_room = room - len(counts) - 1
