@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from torch import nn
 
 from mtlhooks import MTL, load_config
 from mtlhooks.config import config_json_schema
@@ -312,19 +313,45 @@ def test_unreadable_config_paths_are_config_errors(tmp_path):
 
 
 def documented_configs() -> list[tuple[str, str]]:
-    """Every config the documentation shows: the README's YAML block and the YAML example of
-    the config module's docstring."""
+    """Every config the documentation shows: the README's YAML block, the YAML example of the
+    config module's docstring, and the gradstats options of docs/reproducing.md (given tasks,
+    its groups named for a model with layers 0, 2 and 6, its TensorBoard output left out where
+    tensorboard is not installed)."""
     import re
 
     import mtlhooks.config
     from mtlhooks import docs
+    from mtlhooks.backends import tensorboard_installed
 
     readme = (docs.ROOT / "README.md").read_text(encoding="utf-8")
     blocks = [("README.md", b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)]
     docstring = mtlhooks.config.__doc__ or ""
     example = docstring.split("::\n", 1)[1].split("\n\n", 1)[0]
     blocks.append(("mtlhooks/config.py", "\n".join(line[4:] for line in example.splitlines())))
+    reproducing = (docs.ROOT / "docs" / "reproducing.md").read_text(encoding="utf-8")
+    section = reproducing.split("## Checking the claims on your own model", 1)[1]
+    snippet = section.split("\n\n", 2)[1]
+    lines = [line[4:] for line in snippet.splitlines()]
+    if not tensorboard_installed():
+        lines = [line for line in lines if not line.lstrip().startswith("tensorboard:")]
+    blocks.append(("docs/reproducing.md", "tasks: [a, b, c]\n" + "\n".join(lines)))
     return blocks
+
+
+class SixLayerTrunk(nn.Module):
+    """A trunk whose parameters are named 0.*, 2.*, 4.* and 6.*, like docs/reproducing.md's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(5, 8),
+            nn.Tanh(),
+            nn.Linear(8, 8),
+            nn.Tanh(),
+            nn.Linear(8, 8),
+            nn.Tanh(),
+            nn.Linear(8, 6),
+        )
 
 
 @pytest.mark.parametrize(("where", "text"), documented_configs())
@@ -344,6 +371,7 @@ def test_documented_configs_load_in_every_format_and_run(
     ]
     assert configs[0].to_dict() == configs[1].to_dict() == configs[2].to_dict()
     problem = make_problem(tuple(data["tasks"]))
+    problem.model.encoder = SixLayerTrunk().double().encoder
     with MTL(configs[0], shared=problem.model.encoder) as mtl:
         _, losses = problem.losses()
         assert not mtl.backward(losses).skipped, where
