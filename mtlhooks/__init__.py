@@ -14,6 +14,7 @@ from mtlhooks.errors import (
     MTLError,
     MTLWarning,
     NonFiniteError,
+    OutputError,
     PluginError,
     SolverError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "MTLWarning",
     "Need",
     "NonFiniteError",
+    "OutputError",
     "Plugin",
     "PluginConfig",
     "PluginError",

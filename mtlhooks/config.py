@@ -16,14 +16,19 @@ A config names the tasks and lists plugins in the order they apply::
         every: 10
 
 Each plugin's options are validated by that plugin's own model (unknown keys are errors).
-Every error is a :class:`ConfigError` naming the plugin, the field, the value and what is allowed.
+Parsing is strict: a value must have the type of its field (``every: "5"``, ``every: true`` and
+``seed: 3.0`` are errors, not 5, 1 and 3; an integer is a valid float), floats must be finite,
+and a key may appear only once in a mapping of a file. Every error is a :class:`ConfigError`
+naming the plugin, the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,7 +113,7 @@ def _parse_plugin(raw: object, position: int) -> PluginEntry:
 class MTLConfig(BaseModel):
     """The whole configuration of one :class:`mtlhooks.MTL`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     tasks: tuple[str, ...] = Field(
         min_length=1, description="Task names, in the order weights and Gramians use."
@@ -125,7 +130,13 @@ class MTLConfig(BaseModel):
         description="A NaN/inf loss or Gramian: raise NonFiniteError, or skip the step "
         "(no gradient written, observers told).",
     )
-    seed: int = Field(default=0, ge=0, description="Seed of the generator of every random choice.")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        lt=2**64,
+        description="Seed of the generator of every random choice (0 ≤ seed < 2**64, the range "
+        "of torch.Generator.manual_seed).",
+    )
     params_gramian: Literal["auto", "materialize", "layerwise"] = Field(
         default="auto",
         description="Space 'params': 'materialize' holds the T×P per-task gradients; "
@@ -149,6 +160,12 @@ class MTLConfig(BaseModel):
         "the heads are told apart by z: pass features=z to backward() (space 'params' with "
         "sync: exact needs no z: every parameter outside shared= is task-specific).",
     )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_as_tuple(cls, raw: object) -> object:
+        # Files give lists; strict parsing would otherwise refuse them for a tuple field.
+        return tuple(raw) if isinstance(raw, list) else raw
 
     @field_validator("tasks")
     @classmethod
@@ -200,6 +217,7 @@ class MTLConfig(BaseModel):
         elif gradient_users and not self.common_spaces():
             listing = {p.name: [s.value for s in p.info.spaces] for p in gradient_users}
             raise ValueError(f"no gradient space suits every plugin: {listing}")
+        _check_output_paths(self.plugins)
         return self
 
     def gradient_plugins(self) -> list[PluginEntry]:
@@ -211,6 +229,46 @@ class MTLConfig(BaseModel):
         users = self.gradient_plugins()
         return [s for s in Space if s is not Space.NONE and all(s in p.info.spaces for p in users)]
 
+    def resolve_space(self, *, shared: bool, last_shared: bool) -> Space:
+        """The gradient space of an MTL built from this config, given whether it receives
+        parameters for space ``params`` (``shared=``) and for ``last_shared`` (``last_shared=``,
+        or a ``shared=`` module, whose last layer is taken). ``space: auto`` takes the common
+        first choice of the gradient-reading plugins that are not observers (observers vote
+        only when they are alone), else the most exact space they all support and the call
+        can provide; without gradient-reading plugins, ``none``.
+
+        :raises ConfigError: when the space cannot be provided (the message says what to pass).
+        """
+        available = {Space.NONE, Space.FEATURES}
+        if shared:
+            available.add(Space.PARAMS)
+        if last_shared:
+            available.add(Space.LAST_SHARED)
+        users = self.gradient_plugins()
+        voters = [e for e in users if e.info.family is not Family.OBSERVER] or users
+        if self.space != "auto":
+            space = Space(self.space)
+        elif not users:
+            space = Space.NONE
+        else:
+            common = [s for s in self.common_spaces() if s in available]
+            if not common:
+                names = [entry.name for entry in users]
+                raise ConfigError(
+                    f"plugins {names} need per-task gradients in one of "
+                    f"{[s.value for s in self.common_spaces()]}: pass shared= (and "
+                    "last_shared=) to MTL, or features= to backward() with space 'features'"
+                )
+            firsts = {entry.info.spaces[0] for entry in voters}
+            if len(firsts) == 1 and next(iter(firsts)) in common:
+                space = next(iter(firsts))
+            else:
+                space = next(s for s in _EXACTNESS if s in common)
+        if space not in available:
+            needed = "shared=" if space is Space.PARAMS else "last_shared= (or a shared= module)"
+            raise ConfigError(f"space {space.value!r} needs {needed} when building MTL")
+        return space
+
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping that :func:`load_config` turns back into an equal config."""
         data = self.model_dump(mode="json", exclude={"plugins"})
@@ -218,19 +276,129 @@ class MTLConfig(BaseModel):
         return data
 
 
+_EXACTNESS = (Space.PARAMS, Space.LAST_SHARED, Space.FEATURES)
+"""Order of preference of ``space: auto`` when the plugins' first choices differ: most exact
+first."""
+
+
+def _check_output_paths(plugins: tuple[PluginEntry, ...]) -> None:
+    """Refuse two outputs on one path: two plugins, or two options of one plugin, writing the
+    same file or directory would interleave or overwrite each other's records."""
+    owners: dict[str, str] = {}
+    for position, entry in enumerate(plugins):
+        for option, path in entry.info.cls.output_paths(entry.options).items():
+            where = f"plugins[{position}] ({entry.name}) {option}"
+            key = os.path.normcase(os.path.realpath(path))
+            if key in owners:
+                raise ValueError(
+                    f"{where} and {owners[key]} both write {path!r}: give each output its own path"
+                )
+            owners[key] = where
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, line: int, first_line: int) -> None:
+        super().__init__(key, line, first_line)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictYAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes: a key repeated in one mapping is an error (PyYAML
+    keeps the last silently), and ``1e-8`` is a float, as in YAML 1.2 and JSON (PyYAML follows
+    YAML 1.1, where a float needs a dot and a signed exponent, and reads ``1e-8`` as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` merges are overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the base class reports unhashable keys
+                line = key_node.start_mark.line + 1
+                if key in first_lines:
+                    raise _DuplicateKey(key, line, first_lines[key])
+                first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+
+
+def _json_duplicate_key(text: str) -> _DuplicateKey | None:
+    """The first key repeated within one object of valid JSON text, with its lines (the
+    standard library keeps the last value silently and does not say where keys are)."""
+    objects: list[dict[str, int] | None] = []  # one entry per open bracket; None for arrays
+    last_string: tuple[str, int] | None = None
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token.startswith('"'):
+            last_string = (json.loads(token), match.start())
+            continue
+        if token in "{[":
+            objects.append({} if token == "{" else None)
+        elif token in "}]":
+            objects.pop()
+        elif token == ":" and last_string is not None and objects and objects[-1] is not None:
+            key, offset = last_string
+            line = text.count("\n", 0, offset) + 1
+            keys = objects[-1]
+            if key in keys:
+                return _DuplicateKey(key, line, keys[key])
+            keys[key] = line
+        last_string = None
+    return None
+
+
+def _parse_text(text: str, suffix: str) -> object:
+    if suffix in (".yaml", ".yml"):
+        return yaml.load(text, Loader=_StrictYAMLLoader)  # a SafeLoader: no arbitrary objects
+    if suffix == ".toml":
+        return tomllib.loads(text)  # refuses repeated keys itself, with the line
+    data = json.loads(text)
+    duplicate = _json_duplicate_key(text)
+    if duplicate is not None:
+        raise duplicate
+    return data
+
+
 def _read_file(path: Path) -> object:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(
+            f"{path}: unknown config format {suffix!r}; use .yaml, .yml, .toml or .json"
+        )
     try:
-        if suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text)
-        if suffix == ".toml":
-            return tomllib.loads(text)
-        if suffix == ".json":
-            return json.loads(text)
+        # utf-8-sig: a byte-order mark (as some Windows editors write) is accepted in every
+        # format alike.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        return _parse_text(text, suffix)
+    except _DuplicateKey as duplicate:
+        raise ConfigError(
+            f"{path}:{duplicate.line}: duplicate key {duplicate.key!r} (first at line "
+            f"{duplicate.first_line}); a key may appear only once in a mapping"
+        ) from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot parse {suffix[1:].upper()}: {error}") from error
-    raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .yml, .toml or .json")
+        raise ConfigError(f"{path}: cannot parse {suffix[1:].upper()}: {error}") from None
+
+
+def _shortened(path: Path, limit: int = 80) -> str:
+    text = str(path)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 def load_config(source: MTLConfig | Mapping[str, Any] | str | Path) -> MTLConfig:
@@ -244,7 +412,15 @@ def load_config(source: MTLConfig | Mapping[str, Any] | str | Path) -> MTLConfig
     data: object = source
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as error:  # a name too long for the file system, say
+            raise ConfigError(
+                f"cannot use {_shortened(path)} as a config path: {error.strerror or error}"
+            ) from None
+        if not found:
+            if path.is_dir():
+                raise ConfigError(f"{path} is a directory, not a config file")
             raise ConfigError(f"config file not found: {path}")
         origin = str(path)
         data = _read_file(path)

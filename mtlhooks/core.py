@@ -23,7 +23,6 @@ from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.distributed import Communicator, default_communicator
 from mtlhooks.engine import GradientEngine, PerTask
 from mtlhooks.errors import (
-    ConfigError,
     GradientError,
     InputError,
     MTLError,
@@ -39,8 +38,6 @@ from mtlhooks.transaction import GradWrites, check_state, clone_tree
 
 ParameterSource = nn.Module | Iterable[Tensor]
 
-# Order of preference of `space: auto` when the plugins' own first choices differ: most exact first.
-_EXACTNESS = (Space.PARAMS, Space.LAST_SHARED, Space.FEATURES)
 _ORDERED_HOOKS = (
     "mtl_scale_losses",
     "mtl_balance",
@@ -290,40 +287,10 @@ class MTL:
             if called != sorted(called, key=rank.__getitem__):  # pragma: no cover - guard
                 raise PluginError(f"{hook_name} would run in order {called}, not config order")
 
-    def _available(self, space: Space) -> bool:
-        if space is Space.PARAMS:
-            return bool(self._shared)
-        if space is Space.LAST_SHARED:
-            return bool(self._last_shared)
-        return True
-
     def _resolve_space(self) -> Space:
-        users = self.config.gradient_plugins()
-        # Observers are read-only: they must not change where the other plugins' gradients are
-        # taken, so only they vote when nothing else needs gradients.
-        voters = [e for e in users if e.info.family is not Family.OBSERVER] or users
-        if self.config.space != "auto":
-            space = Space(self.config.space)
-        elif not users:
-            space = Space.NONE
-        else:
-            common = [s for s in self.config.common_spaces() if self._available(s)]
-            firsts = {entry.info.spaces[0] for entry in voters}
-            if not common:
-                names = [entry.name for entry in users]
-                raise ConfigError(
-                    f"plugins {names} need per-task gradients in one of "
-                    f"{[s.value for s in self.config.common_spaces()]}: pass shared= (and "
-                    "last_shared=) to MTL, or features= to backward() with space 'features'"
-                )
-            if len(firsts) == 1 and next(iter(firsts)) in common:
-                space = next(iter(firsts))
-            else:
-                space = next(s for s in _EXACTNESS if s in common)
-        if not self._available(space):
-            needed = "shared=" if space is Space.PARAMS else "last_shared= (or a shared= module)"
-            raise ConfigError(f"space {space.value!r} needs {needed} when building MTL")
-        return space
+        return self.config.resolve_space(
+            shared=bool(self._shared), last_shared=bool(self._last_shared)
+        )
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -474,6 +441,15 @@ class MTL:
         for plugin in self.plugins.values():
             plugin.to(device=device, dtype=dtype)
         return self
+
+    @property
+    def takes_features(self) -> bool:
+        """Whether ``backward(..., features=z)`` uses z: in space ``features``, and for
+        ``task_specific`` other than ``aggregated`` outside space ``params`` (exact). A loop
+        shared by several configs passes ``features=z if mtl.takes_features else None``."""
+        if self.space is Space.FEATURES:
+            return True
+        return self.config.task_specific != "aggregated" and not self._engine.writes_directly
 
     @property
     def needs_no_sync(self) -> bool:
@@ -631,11 +607,7 @@ class MTL:
                 )
             if not (isinstance(features, Tensor) and features.requires_grad):
                 raise InputError("features= must be a tensor in the graph (requires_grad=True)")
-        elif (
-            features is not None
-            and not self._warned_features
-            and (self.config.task_specific == "aggregated" or self._engine.writes_directly)
-        ):
+        elif features is not None and not self._warned_features and not self.takes_features:
             self._warned_features = True
             warnings.warn(
                 f"features= is ignored: the gradient space is {self.space.value!r}, not "

@@ -93,7 +93,10 @@ def run_demo(
                 for x, targets in data.batches(batch_size, batches, drop_last=True):
                     opt.zero_grad(set_to_none=True)
                     z, outputs = model(x)
-                    mtl.backward(data.losses(outputs, targets), features=z)
+                    mtl.backward(
+                        data.losses(outputs, targets),
+                        features=z if mtl.takes_features else None,
+                    )
                     opt.step()
                     done += 1
                     bar.advance()

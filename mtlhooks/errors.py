@@ -44,3 +44,9 @@ class MTLWarning(UserWarning):
 
 class PluginError(MTLError, RuntimeError):
     """A plugin could not be found, loaded or registered, or it broke the hook contract."""
+
+
+class OutputError(MTLError, OSError):
+    """A file or directory mtlhooks writes could not be written: an observer's log (JSONL, CSV,
+    TensorBoard) or the image of ``mtlhooks plot``. The message names the path and the reason
+    the operating system gave; change the path, its permissions, or free disk space."""

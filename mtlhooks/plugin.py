@@ -70,9 +70,13 @@ class Need(str, enum.Enum):
 
 
 class PluginConfig(BaseModel):
-    """Base of every plugin's config model: unknown keys are errors, values are validated."""
+    """Base of every plugin's config model: unknown keys are errors, values are validated
+    strictly (a value must have its field's type: ``"5"`` or ``true`` is not an integer, ``5``
+    is a valid float) and floats must be finite (``.inf`` and ``.nan`` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False
+    )
 
 
 class NoOptions(PluginConfig):
@@ -122,6 +126,12 @@ class Plugin:
     @classmethod
     def check_config(cls, config: PluginConfig, tasks: tuple[str, ...]) -> None:
         """Validate options that depend on the task names; raise ``ValueError`` with a message."""
+
+    @classmethod
+    def output_paths(cls, config: PluginConfig) -> dict[str, str]:
+        """The files and directories this plugin writes, option name → path (none by default).
+        The config refuses two outputs on one path, across all plugins."""
+        return {}
 
     def wants_gradients(self, index: int) -> bool:
         """Whether this plugin reads per-task gradients at ``backward()`` call ``index``.

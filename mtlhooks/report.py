@@ -13,7 +13,7 @@ from mtlhooks.plugin import Space
 from mtlhooks.stats import norms
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StepReport:
     """What happened in one ``backward()`` call. Tensors are detached copies owned by the report.
 
@@ -50,6 +50,44 @@ class StepReport:
             return None
         return norms(self.gramian)
 
+    def summary(self, *, width: int = 100, max_tasks: int = 8) -> str:
+        """A few lines for a human: step, space, state, then losses, weights and gradient norms
+        of at most ``max_tasks`` tasks, the notes and the timings; no line is longer than
+        ``width``. The Gramians themselves are left to :attr:`gramian` and
+        :attr:`block_gramians`. Synchronises with the device."""
+        state = "skipped: " + (self.reason or "") if self.skipped else "written"
+        if self.accumulating:
+            state = "accumulating (gradients wait for the sync=True call)"
+        lines = [
+            f"StepReport(step {self.index}, space {self.space.value}, {len(self.tasks)} tasks, "
+            f"{state})"
+        ]
+        rows = [("losses", self.losses), ("loss weights", self.loss_weights)]
+        rows += [("weights", self.weights), ("|grad|", self.grad_norms())]
+        for label, values in rows:
+            if values is not None:
+                cells = [f"{t}={v:.4g}" for t, v in zip(self.tasks, values.detach().cpu().tolist())]
+                lines.append(_fitted(f"  {label:<13}", cells[:max_tasks], len(cells), width))
+        if self.gramian is not None:
+            blocks = f", {len(self.block_gramians)} blocks" if self.block_gramians else ""
+            lines.append(
+                f"  gramian       {self.gramian.shape[0]}×{self.gramian.shape[1]} "
+                f"{str(self.gramian.dtype).removeprefix('torch.')}{blocks} "
+                "(.gramian, .block_gramians)"
+            )
+        lines += [f"  note          {note}" for note in self.notes]
+        if self.timings:
+            timings = dict(self.timings)
+            total = timings.pop("total", sum(timings.values()))
+            cells = [f"{name} {seconds * 1e3:.2f}" for name, seconds in timings.items()]
+            lines.append(
+                _fitted(f"  time [ms]     total {total * 1e3:.2f}:", cells, len(cells), width)
+            )
+        return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
     def as_dict(self) -> dict[str, object]:
         """Plain Python values (floats and lists), e.g. for JSON. Synchronises with the device."""
 
@@ -69,3 +107,16 @@ class StepReport:
             "gramian": to_list(self.gramian),
             "timings": dict(self.timings),
         }
+
+
+def _fitted(prefix: str, cells: list[str], count: int, width: int) -> str:
+    """``prefix`` and as many ``cells`` as fit in ``width``, then how many of ``count`` were
+    left out."""
+    line = prefix
+    for shown, cell in enumerate(cells):
+        rest = count - shown - 1
+        suffix = f" … (+{rest})" if rest else ""
+        if len(line) + 1 + len(cell) + len(suffix) > width and shown:
+            return f"{line} … (+{count - shown})"
+        line += " " + cell
+    return line if len(cells) == count else f"{line} … (+{count - len(cells)})"

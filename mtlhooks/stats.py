@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlhooks.errors import InputError
 from mtlhooks.solvers import cosine_from_gramian, gramian_scales
 
 
@@ -65,7 +66,7 @@ def gramian_of(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple[Tens
     """
     inputs = list(inputs)
     if not losses or not inputs:
-        raise ValueError("gramian_of needs at least one loss and one input")
+        raise InputError("gramian_of needs at least one loss and one input")
     rows: list[list[Tensor]] = []
     for loss in losses:
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
@@ -110,7 +111,7 @@ def split_batch_statistics(
     tasks = list(per_sample_losses)
     sizes = {tuple(v.shape) for v in per_sample_losses.values()}
     if not tasks or len(sizes) != 1 or len(next(iter(sizes))) != 1 or next(iter(sizes))[0] < 2:
-        raise ValueError(
+        raise InputError(
             "split_batch_statistics needs per-sample losses of one shape (n,), n >= 2, got "
             f"{ {t: tuple(v.shape) for t, v in per_sample_losses.items()} }"
         )

@@ -828,14 +828,14 @@ def test_save_state_in_the_middle_of_a_window_writes_nothing(tmp_path: Path) -> 
     net, optimizer = accelerator.prepare(model, optimizer)
     x, y = data.x_train[:4], {t: v[:4] for t, v in data.y_train.items()}
     with mtl.accumulate(net):
-        z, outputs = net(x)
+        _, outputs = net(x)
         assert mtl.backward(data.losses(outputs, y)).accumulating
     target = tmp_path / "checkpoint"
     with pytest.raises(InputError, match="nothing was written"):
         accelerator.save_state(str(target))
     assert not target.exists() or not any(target.iterdir())
     with mtl.accumulate(net):
-        z, outputs = net(x)
+        _, outputs = net(x)
         mtl.backward(data.losses(outputs, y))
         optimizer.step()
         optimizer.zero_grad()

@@ -15,11 +15,12 @@ from mtlhooks import stats
 from mtlhooks.backends import (
     Backend,
     LoggingConfig,
+    Resumable,
     TrackerBackend,
     backends_from,
 )
-from mtlhooks.errors import InputError
-from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
+from mtlhooks.errors import ConfigError, InputError
+from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Setup, Space, hookimpl
 from mtlhooks.report import StepReport
 
 
@@ -109,11 +110,17 @@ class GradStats(Plugin):
     def __init__(self, config: GradStatsConfig, setup: Setup) -> None:
         super().__init__(config, setup)
         self.config: GradStatsConfig = config
+        # Groups first: a bad prefix must fail before any output file is touched.
+        self._groups = self._resolve_groups(setup) if config.groups else {}
         self.backends: list[Backend] = backends_from(config, prefix=self.name)
         self.last_record: dict[str, Any] | None = None
         self._next_index = 0
         self._pending_split: dict[str, Any] | None = None
-        self._groups: dict[str, list[str]] | None = None
+
+    @classmethod
+    def output_paths(cls, config: PluginConfig) -> dict[str, str]:
+        assert isinstance(config, GradStatsConfig)
+        return config.output_paths()
 
     def wants_gradients(self, index: int) -> bool:
         return index % self.config.every == 0
@@ -186,20 +193,37 @@ class GradStats(Plugin):
             )
         if not self.wants_gradients(self._next_index):
             return False
-        self._pending_split = stats.split_batch_statistics(per_sample_losses, list(inputs))
+        try:
+            self._pending_split = stats.split_batch_statistics(per_sample_losses, list(inputs))
+        except RuntimeError as error:  # autograd: a loss without a graph reaching the inputs
+            raise InputError(
+                "split_batch: the per-sample losses must be computed from `inputs` with a graph "
+                f"(not under torch.no_grad(), not detached): {error}"
+            ) from None
         return True
 
-    def _resolve_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
-        names = list(names)
+    def _resolve_groups(self, setup: Setup) -> dict[str, list[str]]:
+        """Group → the names of the space's parameter blocks it holds, checked at construction
+        (every group must hold at least one block)."""
+        names = setup.parameter_names
+        if not names:
+            raise ConfigError(
+                f"gradstats: groups need the gradient space to have parameter blocks, but this "
+                f"MTL works in space {setup.space.value!r}; pass shared= to MTL (spaces params "
+                "or last_shared) or leave groups out"
+            )
         groups = {
             group: [n for n in names if any(n.startswith(p) for p in prefixes)]
             for group, prefixes in self.config.groups.items()
         }
-        empty = [group for group, members in groups.items() if not members]
+        empty = {group: self.config.groups[group] for group, found in groups.items() if not found}
         if empty:
-            raise InputError(
-                f"gradstats: groups {empty} match no block of the gradient space; the blocks "
-                f"are {names}"
+            shown = ", ".join(names[:20])
+            if len(names) > 20:
+                shown += f", … ({len(names)} in all)"
+            raise ConfigError(
+                f"gradstats: groups {empty} match no parameter of space "
+                f"{setup.space.value!r}; its parameters are {shown}"
             )
         return groups
 
@@ -236,9 +260,7 @@ class GradStats(Plugin):
                 record["layers"] = {
                     name: block_statistics(block, tasks) for name, block in blocks.items()
                 }
-            if self.config.groups:
-                if self._groups is None:
-                    self._groups = self._resolve_groups(blocks)
+            if self._groups:
                 record["groups"] = {
                     group: block_statistics(torch.stack([blocks[n] for n in members]).sum(0), tasks)
                     for group, members in self._groups.items()
@@ -268,4 +290,9 @@ class GradStats(Plugin):
         return {"next_index": self._next_index}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the call counter; file outputs then keep the records of earlier steps and
+        drop those at or after it, which this resumed run records again."""
         self._next_index = int(state["next_index"])
+        for backend in self.backends:
+            if isinstance(backend, Resumable):
+                backend.resume(self._next_index)
