@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol, TextIO, runtime_checkable
+from typing import IO, Any, Literal, Protocol, TextIO, runtime_checkable
 
 from pydantic import Field, field_validator, model_validator
 
@@ -652,6 +652,12 @@ class LoggingConfig(PluginConfig):
     tensorboard: str | None = Field(
         default=None, description="TensorBoard log directory (needs the tensorboard package)."
     )
+    ranks: Literal["main", "all"] = Field(
+        default="main",
+        description="Which processes of a data-parallel run write the console and the files: "
+        "'main' (rank 0 only; every rank computes the same global statistics) or 'all' (each "
+        "rank to its own files, its rank added before the extension: run.rank1.jsonl).",
+    )
 
     @field_validator("jsonl", "csv")
     @classmethod
@@ -681,16 +687,31 @@ class LoggingConfig(PluginConfig):
         return {option: path for option, path in paths.items() if path is not None}
 
 
-def backends_from(config: LoggingConfig, *, prefix: str) -> list[Backend]:
-    """The backends a :class:`LoggingConfig` asks for; each file output is proven writable
-    here, at construction (:class:`OutputError` if not)."""
+def rank_path(path: str, rank: int) -> str:
+    """``run.jsonl`` → ``run.rank1.jsonl`` (a directory: ``tb`` → ``tb.rank1``)."""
+    base = Path(path)
+    return str(base.with_name(f"{base.stem}.rank{rank}{base.suffix}"))
+
+
+def backends_from(
+    config: LoggingConfig, *, prefix: str, rank: int = 0, world_size: int = 1
+) -> list[Backend]:
+    """The backends a :class:`LoggingConfig` asks for on this process (under data parallelism:
+    rank 0 only, or every rank to its own paths, ``config.ranks``); each file output is proven
+    writable here, at construction (:class:`OutputError` if not)."""
     backends: list[Backend] = []
+    if world_size > 1 and config.ranks == "main" and rank != 0:
+        return backends
+
+    def where(path: str) -> str:
+        return rank_path(path, rank) if world_size > 1 and config.ranks == "all" else path
+
     if config.console:
         backends.append(ConsoleBackend(every=config.console_every or config.every))
     if config.jsonl is not None:
-        backends.append(JSONLBackend(config.jsonl))
+        backends.append(JSONLBackend(where(config.jsonl)))
     if config.csv is not None:
-        backends.append(CSVBackend(config.csv))
+        backends.append(CSVBackend(where(config.csv)))
     if config.tensorboard is not None:
-        backends.append(TensorBoardBackend(config.tensorboard, prefix=prefix))
+        backends.append(TensorBoardBackend(where(config.tensorboard), prefix=prefix))
     return backends

@@ -188,6 +188,7 @@ class MTL:
             space=self.space,
             seed=self.config.seed,
             parameter_names=tuple(name for name, _ in space_parameters.get(self.space, [])),
+            **_ranks_of(self.communicator),
         )
         self.plugins: dict[str, Plugin] = {}
         for position, entry in enumerate(self.config.plugins):
@@ -1005,6 +1006,12 @@ class MTL:
         self.generator.set_state(generator)
         if not keep_window:
             self._pending = pending
+
+
+def _ranks_of(communicator: Communicator | None) -> dict[str, int]:
+    if communicator is None or communicator.world_size <= 1:
+        return {"rank": 0, "world_size": 1}
+    return {"rank": int(communicator.rank), "world_size": int(communicator.world_size)}
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -94,6 +94,10 @@ class Setup:
     space: Space
     seed: int
     parameter_names: tuple[str, ...] = ()
+    rank: int = 0
+    """This process's rank in a data-parallel run (0 with one process)."""
+    world_size: int = 1
+    """The number of processes of a data-parallel run (1 with one process)."""
 
     @property
     def num_tasks(self) -> int:

@@ -258,6 +258,31 @@ def _routed_without_model(rank: int) -> dict[str, Any]:
     return {"error": None}
 
 
+def _logging(rank: int, out: Path) -> dict[str, Any]:
+    """gradstats under DDP with a JSONL and a CSV on one path for every rank (rank 0 writes),
+    then with ``ranks: all`` (each rank its own files)."""
+    x_all, y_all = data()
+    for ranks in ("main", "all"):
+        model = Net().double()
+        net = nn.parallel.DistributedDataParallel(model)
+        logging = {
+            "every": 1,
+            "jsonl": str(out / f"{ranks}.jsonl"),
+            "csv": str(out / f"{ranks}.csv"),
+        }
+        config = {
+            "tasks": TASKS,
+            "plugins": ["mgda", {"name": "gradstats", "ranks": ranks, **logging}],
+            "space": "features",
+        }
+        with MTL(config, shared=model.encoder) as mtl:
+            for step in range(4):
+                rows = slice(step * 16 + rank * 8, step * 16 + rank * 8 + 8)
+                z, outputs = net(x_all[rows])
+                mtl.backward(losses_of(outputs, {t: v[rows] for t, v in y_all.items()}), features=z)
+    return {}
+
+
 def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -269,6 +294,7 @@ def _worker(out: Path) -> None:
     results["routed_without_model"] = _routed_without_model(rank)
     results["drift"] = _drift(rank)
     results["layerwise"] = _layerwise_refused()
+    results["logging"] = _logging(rank, out)
     for kind in ("fast", "features", "params", "micro", "nan_raise"):
         results[f"failure_{kind}"] = _failure(kind, rank)
     torch.save(results, out / f"rank{rank}.pt")
@@ -277,10 +303,15 @@ def _worker(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[Any]]:
+def worker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("seams")
     launch([sys.executable, str(Path(__file__).resolve()), str(out)])
-    loaded = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(worker_dir: Path) -> Callable[[str], list[Any]]:
+    loaded = [torch.load(worker_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return lambda name: [ranks[name] for ranks in loaded]
 
 
@@ -353,6 +384,27 @@ def test_an_error_on_one_rank_stops_every_rank_within_seconds(results, kind: str
     lag = peer["at"] - failed["at"]
     print(f"{kind}: the surviving rank raised {lag * 1e3:.1f} ms after the failing one")
     assert lag < 10.0
+
+
+@pytest.mark.distributed
+def test_logs_are_written_once_under_data_parallelism(worker_dir: Path, results) -> None:
+    """Every rank computes the same statistics; rank 0 alone writes them (one parsable line per
+    step, the same CSV), or each rank its own rank-suffixed files with ``ranks: all``."""
+    import csv
+    import json
+
+    results("logging")
+    lines = (worker_dir / "main.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+    with open(worker_dir / "main.csv", newline="") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["0", "1", "2", "3"]
+    per_rank = [
+        [json.loads(line) for line in (worker_dir / f"all.rank{r}.jsonl").read_text().splitlines()]
+        for r in range(WORLD)
+    ]
+    assert [r["step"] for r in per_rank[0]] == [0, 1, 2, 3]
+    assert per_rank[0] == per_rank[1]  # the same global statistics on both ranks
+    assert not (worker_dir / "all.jsonl").exists()
 
 
 def test_uneven_batch_size_must_be_an_integer() -> None:

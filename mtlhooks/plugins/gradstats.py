@@ -99,6 +99,11 @@ class GradStats(Plugin):
     ``mtl.backward``; the next record then holds the same statistics between the two halves of
     each task's batch (``split.stl``) next to those between tasks on equal-sized halves
     (``split.mtl``).
+
+    Under data parallelism every rank computes the same statistics (of the global batch) and
+    only rank 0 writes the console and the files (``ranks: all``: each rank to its own paths,
+    ``run.rank1.jsonl``); split-batch statistics are of each rank's own batch, labelled
+    ``split.rank``.
     """
 
     name = "gradstats"
@@ -112,7 +117,9 @@ class GradStats(Plugin):
         self.config: GradStatsConfig = config
         # Groups first: a bad prefix must fail before any output file is touched.
         self._groups = self._resolve_groups(setup) if config.groups else {}
-        self.backends: list[Backend] = backends_from(config, prefix=self.name)
+        self.backends: list[Backend] = backends_from(
+            config, prefix=self.name, rank=setup.rank, world_size=setup.world_size
+        )
         self.last_record: dict[str, Any] | None = None
         self._next_index = 0
         self._pending_split: dict[str, Any] | None = None
@@ -267,6 +274,9 @@ class GradStats(Plugin):
                 }
         if self._pending_split is not None:
             record["split"] = self._pending_split
+            if self.setup.world_size > 1:
+                # Halves of this rank's own batch (the rest of the record is global).
+                record["split"] = {**self._pending_split, "rank": self.setup.rank}
             self._pending_split = None
         return record
 
