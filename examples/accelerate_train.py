@@ -127,7 +127,8 @@ def main() -> None:
             with mtl.accumulate(model):  # accelerator.accumulate + no_sync where needed
                 z, outputs = model(x)
                 losses = data.losses(outputs, dict(zip(tasks, targets)))
-                report = mtl.backward(losses, features=z)  # divides by the accumulation steps
+                # divides by the accumulation steps; z only where the config's space uses it
+                report = mtl.backward(losses, features=z if mtl.takes_features else None)
                 optimizer.step()
                 optimizer.zero_grad()
             running += torch.stack([loss.detach().float().cpu() for loss in losses.values()])

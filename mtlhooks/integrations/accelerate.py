@@ -240,6 +240,11 @@ class AcceleratedMTL:
         return self.mtl.needs_no_sync
 
     @property
+    def takes_features(self) -> bool:
+        """See :attr:`mtlhooks.MTL.takes_features`."""
+        return self.mtl.takes_features
+
+    @property
     def space(self) -> Space:
         """The gradient space of the pipeline."""
         return self.mtl.space
