@@ -37,11 +37,17 @@ from mtlhooks.transaction import GradWrites
 NamedParameters = Sequence[tuple[str, Tensor]]
 
 
-def accumulate(parameter: Tensor, gradient: Tensor) -> None:
-    """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would."""
+def accumulate(parameter: Tensor, gradient: Tensor, *, owned: bool = False) -> None:
+    """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would. ``owned``: the
+    caller hands over a tensor it just computed and keeps no other reference to, so that it
+    can become ``.grad`` itself (as autograd steals a fresh gradient) instead of a copy."""
     gradient = gradient.detach().reshape(parameter.shape)
     if parameter.grad is None:
-        parameter.grad = gradient.to(parameter.dtype).clone(memory_format=torch.contiguous_format)
+        gradient = gradient.to(parameter.dtype)
+        if owned and gradient.is_contiguous():
+            parameter.grad = gradient
+        else:
+            parameter.grad = gradient.clone(memory_format=torch.contiguous_format)
     else:
         parameter.grad.add_(gradient.to(parameter.grad.dtype))
 
@@ -452,7 +458,7 @@ class GradientEngine:
             for (_, p), block in zip(self.shared, per_task.blocks):
                 update = coefficients.to(block.device, block.dtype) @ block
                 writes.record([p])
-                accumulate(p, update)
+                accumulate(p, update, owned=True)
             self._write_task_specific(per_task, coefficients if heads is None else heads, writes)
             self._auxiliary_backward(auxiliary, scale, writes)
             return
@@ -556,7 +562,9 @@ class GradientEngine:
         for key, value in zip(keys, values):
             leaf = self._leaves[key]
             writes.record([leaf])
-            accumulate(leaf, value)
+            # Each value is a fresh product (or sum) made above; across processes, a view of
+            # the all-reduced buffer, which is copied.
+            accumulate(leaf, value, owned=self.comm is None)
         self._leaves.clear()
 
     def _reduce_task_specific_by_parameter(
