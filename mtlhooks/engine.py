@@ -29,7 +29,7 @@ from torch.autograd.graph import GradientEdge
 from mtlhooks import layerwise
 from mtlhooks.distributed import Communicator
 from mtlhooks.errors import ConfigError, InputError, PluginError
-from mtlhooks.graph import graph_leaves, unreached
+from mtlhooks.graph import graph_leaves, task_leaves, unreached
 from mtlhooks.plugin import Space
 from mtlhooks.step import TaskGradients
 from mtlhooks.transaction import GradWrites
@@ -299,8 +299,9 @@ class GradientEngine:
         blocks = [p.new_empty((count, p.numel())) for p in params]
         reached = [False] * len(params)
         extras: list[dict[int, Tensor]] = []
+        task_specific = task_leaves(losses, shared_ids) if direct else [[] for _ in losses]
         for i, loss in enumerate(losses):
-            leaves = graph_leaves(loss, shared_ids) if direct else []
+            leaves = task_specific[i]
             grads: Sequence[Tensor | None] = torch.autograd.grad(
                 loss,
                 params + leaves,
