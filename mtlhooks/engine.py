@@ -104,6 +104,15 @@ class PerTask:
                     mine_extra[key] = grad
 
 
+@dataclass(frozen=True)
+class GramianChoice:
+    """How one call takes the Gramian of the per-task gradients."""
+
+    mode: str
+    """``"layerwise"`` (J is never formed for the tapped linear layers) or ``"materialize"``."""
+    reason: str
+
+
 class GradientEngine:
     """Computes, synchronises and writes per-task gradients for one :class:`mtlhooks.MTL`."""
 
@@ -130,6 +139,9 @@ class GradientEngine:
         self._leaves: dict[int, Tensor] = {}
         self.layerwise_mode = layerwise_mode
         self.taps: layerwise.LayerTaps | None = None
+        self._module_missing = module is None
+        self.last_gramian_choice: GramianChoice | None = None
+        """How the last :meth:`compute` took the Gramian and why (read-only, for reports)."""
         # The module holding the space's parameters (space params: shared; last_shared: the last
         # shared layer): its nn.Linear layers can give their Gramians without J.
         if space in (Space.PARAMS, Space.LAST_SHARED) and layerwise_mode != "materialize":
@@ -142,25 +154,55 @@ class GradientEngine:
                 self.taps.remove()
                 self.taps = None
 
-    def use_layerwise(self, accumulating: bool) -> bool:
-        """Whether this call takes the layerwise Gramian (decided from the recorded shapes)."""
-        if self.taps is None or accumulating:
-            return False
+    def gramian_choice(self, accumulating: bool) -> GramianChoice:
+        """How this call would take the Gramian, and why (decided from the recorded shapes)."""
+        if self.space not in (Space.PARAMS, Space.LAST_SHARED):
+            return GramianChoice("materialize", f"space {self.space.value!r} has one block")
+        if self.taps is None:
+            if self.layerwise_mode == "materialize":
+                why = "params_gramian is 'materialize' (configured, or a plugin reads J)"
+            elif self._module_missing:
+                why = "the space's parameters were given as tensors, not a module"
+            else:
+                why = "no nn.Linear layer holds the space's parameters"
+            return GramianChoice("materialize", why)
+        if accumulating:
+            return GramianChoice("materialize", "gradient accumulation sums J over micro-steps")
         if not all(layer.records for layer in self.taps.layers):
             # The forward ran before the hooks existed (or skipped a layer): materialise.
-            return False
+            return GramianChoice(
+                "materialize", "a tapped nn.Linear recorded no forward call in this step"
+            )
         if self.layerwise_mode == "layerwise":
-            return True
+            return GramianChoice("layerwise", "params_gramian is 'layerwise'")
         # auto: the cheaper in memory, and exact across processes only when materialised.
         if self.comm is not None and (self.exact_params or self.space is Space.LAST_SHARED):
-            return False
+            return GramianChoice("materialize", "exact synchronisation across processes needs J")
         total = sum(p.numel() for _, p in self.named)
         untapped = sum(p.numel() for _, p in self._untapped)
+        share = 100.0 * (total - untapped) / total
         if untapped > 0.01 * total:
             # Convolutions and other untapped layers would pay for their weight gradients in
             # the T passes *and* in the final backward: materialising is faster there.
-            return False
-        return self.taps.pending_rows() + untapped < total
+            return GramianChoice(
+                "materialize", f"nn.Linear layers hold {share:.1f}% of the parameters (≤ 99%)"
+            )
+        rows = self.taps.pending_rows()
+        if rows + untapped >= total:
+            return GramianChoice(
+                "materialize",
+                f"the linear layers' rows × outputs ({rows}) are not fewer than their "
+                f"parameters ({total - untapped})",
+            )
+        return GramianChoice(
+            "layerwise",
+            f"nn.Linear layers hold {share:.1f}% of the parameters and their rows × outputs "
+            f"({rows}) are fewer than their parameters ({total - untapped})",
+        )
+
+    def use_layerwise(self, accumulating: bool) -> bool:
+        """Whether this call takes the layerwise Gramian (see :meth:`gramian_choice`)."""
+        return self.gramian_choice(accumulating).mode == "layerwise"
 
     @property
     def writes_directly(self) -> bool:
@@ -180,7 +222,8 @@ class GradientEngine:
     ) -> PerTask:
         """This process's per-task gradients of the unweighted losses (times ``scale``)."""
         count = len(losses)
-        if self.use_layerwise(accumulating):
+        self.last_gramian_choice = self.gramian_choice(accumulating)
+        if self.last_gramian_choice.mode == "layerwise":
             assert self.taps is not None
             seeds = [_seed(loss, scale) for loss in losses]
             names, gramians, blocks = layerwise.collect(self.taps, losses, self._untapped, seeds)
