@@ -53,11 +53,17 @@ def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
     return leaves
 
 
-def accumulate(parameter: Tensor, gradient: Tensor) -> None:
-    """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would."""
+def accumulate(parameter: Tensor, gradient: Tensor, *, owned: bool = False) -> None:
+    """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would. ``owned``: the
+    caller hands over a tensor it just computed and keeps no other reference to, so that it
+    can become ``.grad`` itself (as autograd steals a fresh gradient) instead of a copy."""
     gradient = gradient.detach().reshape(parameter.shape)
     if parameter.grad is None:
-        parameter.grad = gradient.to(parameter.dtype).clone(memory_format=torch.contiguous_format)
+        gradient = gradient.to(parameter.dtype)
+        if owned and gradient.is_contiguous():
+            parameter.grad = gradient
+        else:
+            parameter.grad = gradient.clone(memory_format=torch.contiguous_format)
     else:
         parameter.grad.add_(gradient.to(parameter.grad.dtype))
 
@@ -359,7 +365,7 @@ class GradientEngine:
             self.weighted_backward(losses, coefficients, scale)
             return
         for (_, p), block in zip(self.shared, per_task.blocks):
-            accumulate(p, coefficients.to(block.dtype) @ block)
+            accumulate(p, coefficients.to(block.dtype) @ block, owned=True)
         self._write_task_specific(per_task, coefficients)
 
     def write_combined(
@@ -412,7 +418,9 @@ class GradientEngine:
             # Same graph on every rank, so the same leaves in the same order.
             values = _flat_all_reduce(self.comm, values, "mean")
         for key, value in zip(keys, values):
-            accumulate(self._leaves[key], value)
+            # Each value is a fresh product (or sum) made above; across processes, a view of
+            # the all-reduced buffer, which is copied.
+            accumulate(self._leaves[key], value, owned=self.comm is None)
         self._leaves.clear()
 
     def close(self) -> None:
