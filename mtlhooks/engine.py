@@ -53,6 +53,35 @@ def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
     return leaves
 
 
+def task_leaves(roots: Sequence[Tensor], exclude: set[int]) -> list[list[Tensor]]:
+    """For each root, the leaves ``graph_leaves(root, exclude)`` finds (as a set), from one
+    walk of the union of their graphs: each node's leaves are gathered once and shared by
+    every root above it, so T losses over one trunk cost one walk of the trunk, not T."""
+    below: dict[int, tuple[Tensor, ...]] = {}
+    for root in roots:
+        stack: list[tuple[object, bool]] = [(root.grad_fn, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node is None or id(node) in below:
+                continue
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                below[id(node)] = () if id(variable) in exclude else (variable,)
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]  # type: ignore[attr-defined]
+            if not expanded:
+                # A DAG: the node's children are all done before it is popped expanded.
+                stack.append((node, True))
+                stack.extend((child, False) for child in reversed(children))
+                continue
+            found: dict[int, Tensor] = {}
+            for child in children:
+                for leaf in below[id(child)]:
+                    found.setdefault(id(leaf), leaf)
+            below[id(node)] = tuple(found.values())
+    return [[] if root.grad_fn is None else list(below[id(root.grad_fn)]) for root in roots]
+
+
 def accumulate(parameter: Tensor, gradient: Tensor, *, owned: bool = False) -> None:
     """Add ``gradient`` into ``parameter.grad`` as ``Tensor.backward`` would. ``owned``: the
     caller hands over a tensor it just computed and keeps no other reference to, so that it
@@ -261,8 +290,9 @@ class GradientEngine:
         blocks = [p.new_empty((count, p.numel())) for p in params]
         reached = [False] * len(params)
         extras: list[dict[int, Tensor]] = []
+        task_specific = task_leaves(losses, shared_ids) if direct else [[] for _ in losses]
         for i, loss in enumerate(losses):
-            leaves = graph_leaves(loss, shared_ids) if direct else []
+            leaves = task_specific[i]
             grads: Sequence[Tensor | None] = torch.autograd.grad(
                 loss,
                 params + leaves,

@@ -58,3 +58,60 @@ def test_written_gradients_own_their_storage(problem):
     mtl.backward(losses, features=z)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, kept[name], rtol=0, atol=0, msg=name)
+
+
+def _graph(name):
+    """Losses (roots) over one trunk and the trunk's parameters."""
+    from mtlhooks import bench
+
+    torch.manual_seed(0)
+    if name in bench.TINY:
+        spec = bench.TINY[name]
+        model = spec.build(3)
+        _, outputs = model(torch.randn(*spec.batch))
+        return [out.pow(2).mean() for out in outputs], list(model.encoder.parameters())
+    # A diamond, a leaf outside shared= inside the trunk, a head shared by two losses.
+    shared = torch.randn(4, 4, requires_grad=True)
+    gate = torch.randn(4, requires_grad=True)
+    head = torch.randn(4, requires_grad=True)
+    own = torch.randn(4, requires_grad=True)
+    hidden = torch.tanh(torch.randn(3, 4) @ shared) * gate
+    z = hidden + hidden.exp()
+    return [(z @ head).sum(), ((z * own) @ head).sum(), (z * z).sum()], [shared]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "transformer-base", "mlp", "diamond"])
+def test_one_shared_walk_finds_each_losss_leaves(name):
+    from mtlhooks.engine import graph_leaves, task_leaves
+
+    roots, shared = _graph(name)
+    exclude = {id(p) for p in shared}
+    found = task_leaves(roots, exclude)
+    for root, leaves in zip(roots, found):
+        expected = graph_leaves(root, exclude)
+        assert expected
+        assert len({id(leaf) for leaf in leaves}) == len(leaves)
+        assert {id(leaf) for leaf in leaves} == {id(leaf) for leaf in expected}
+
+
+def test_a_leaf_outside_shared_reached_by_every_loss_is_written_once(problem):
+    """A learnable gate between the trunk and the heads, outside shared=: task-specific to
+    every loss, its .grad is Σ cᵢ∂Lᵢ/∂gate as in plain autograd."""
+    gate = torch.full((6,), 0.7, dtype=torch.float64, requires_grad=True)
+    config = {"tasks": problem.tasks, "space": "params", "plugins": ["upgrad"]}
+    mtl = MTL({**config, "params_gramian": "materialize"}, shared=problem.model.encoder)
+    z, _ = problem.model(problem.x)
+    gated = {t: problem.model.heads[t](z * gate) for t in problem.tasks}
+    losses = {t: (gated[t] - 0.5).pow(2).mean() * 10.0**i for i, t in enumerate(problem.tasks)}
+    report = mtl.backward(losses, features=z)
+    got = gate.grad.clone()
+    gate.grad = None
+    for p in problem.model.parameters():
+        p.grad = None
+    z, _ = problem.model(problem.x)
+    total = sum(
+        c * (problem.model.heads[t](z * gate) - 0.5).pow(2).mean() * 10.0**i
+        for i, (c, t) in enumerate(zip(report.weights.tolist(), problem.tasks))
+    )
+    total.backward()
+    torch.testing.assert_close(got, gate.grad, **TIGHT)
