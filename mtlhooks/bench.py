@@ -280,6 +280,8 @@ class Case:
     peak_mem_bytes: int | None = None
     gramian: str | None = None
     spread: float | None = None
+    stages: dict[str, float] | None = None
+    """Median host seconds of each pipeline stage (``report.timings``)."""
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
@@ -298,6 +300,9 @@ class Case:
             "ratio_to_torchjd": rounded(self.ratio_to_torchjd),
             "peak_mem_bytes": self.peak_mem_bytes,
             "gramian": self.gramian,
+            "stages_ms": None
+            if self.stages is None
+            else {name: round(value * 1e3, 4) for name, value in self.stages.items()},
         }
 
 
@@ -314,6 +319,8 @@ class _Setup:
     zero: Step
     mtls: dict[str, MTL]
     notes: list[str]
+    stages: dict[str, list[dict[str, float]]]
+    """Per mtlhooks case, the ``report.timings`` of each of its calls, in order."""
 
 
 def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
@@ -376,14 +383,16 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
         notes.append(f"floor_batched left out: {problem}")
     steps["libmtl"] = libmtl
     mtls: dict[str, MTL] = {}
+    stages: dict[str, list[dict[str, float]]] = {}
     for space, method, mode in CASES:
         config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
         # One MTL per model, as in real use: an MTL's forward hooks (layerwise Gramian) would
         # otherwise record the other cases' forwards too.
         key = _key(space, method, mode)
-        steps[key], mtls[key] = _own_model_step(model, x, targets, config)
+        stages[key] = []
+        steps[key], mtls[key] = _own_model_step(model, x, targets, config, stages[key])
     steps.update(_torchjd_steps(model, x, targets, zero, shared))
-    return _Setup(steps, zero, mtls, notes)
+    return _Setup(steps, zero, mtls, notes, stages)
 
 
 def _try_once(step: Step) -> str | None:
@@ -399,7 +408,11 @@ def _try_once(step: Step) -> str | None:
 
 
 def _own_model_step(
-    model: nn.Module, x: Tensor, targets: list[Tensor], config: dict[str, Any]
+    model: nn.Module,
+    x: Tensor,
+    targets: list[Tensor],
+    config: dict[str, Any],
+    log: list[dict[str, float]] | None = None,
 ) -> tuple[Step, MTL]:
     twin = copy.deepcopy(model)
     mtl = MTL(config, shared=twin.get_submodule("encoder"))
@@ -410,7 +423,9 @@ def _own_model_step(
         for p in params:
             p.grad = None
         z, losses = _losses(twin, x, targets)
-        mtl.backward(dict(zip(names, losses)), features=z)
+        report = mtl.backward(dict(zip(names, losses)), features=z)
+        if log is not None:
+            log.append(dict(report.timings))
 
     return step, mtl
 
@@ -532,11 +547,9 @@ def measure(
     if device.type == "cuda":
         memory = _cuda_peak_memory(steps, setup.zero, device)
     memory = memory or {}
-    modes = {
-        key: None
-        if mtl._engine.last_gramian_choice is None
-        else mtl._engine.last_gramian_choice.mode
-        for key, mtl in setup.mtls.items()
+    modes = {key: _gramian_mode(mtl) for key, mtl in setup.mtls.items()}
+    stages = {
+        key: _median_stages(log[warmup : warmup + repeats]) for key, log in setup.stages.items()
     }
     cases = []
     for space, method, mode in CASES:
@@ -558,6 +571,7 @@ def measure(
                 peak_mem_bytes=memory.get(key),
                 gramian=modes[key] if space != "none" else None,
                 spread=spread[key],
+                stages=stages[key],
             )
         )
     references = [
@@ -595,6 +609,12 @@ def measure(
     for mtl in setup.mtls.values():
         mtl.close()
     return cases, summary
+
+
+def _median_stages(log: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over the calls (a stage a call skipped counts as 0)."""
+    names = list(dict.fromkeys(name for timings in log for name in timings))
+    return {name: statistics.median(t.get(name, 0.0) for t in log) for name in names}
 
 
 def _gramian_mode(mtl: MTL) -> str | None:
@@ -829,7 +849,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(
-        "--dry-run", action="store_true", help="each model of the suite at toy size, one round (tests only)"
+        "--dry-run",
+        action="store_true",
+        help="each model of the suite at toy size, one round (tests only)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="rounds to take medians of")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
