@@ -114,7 +114,7 @@ def _count_syncs(device: torch.device, space: str, method: str, mode: str) -> di
     model = bench.MODELS["mlp"].build(len(names)).to(device)
     x = torch.randn(64, 256, device=device)
     config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
-    mtl = MTL(config, shared=model.encoder)
+    mtl = MTL(config, shared=model.encoder).to(device=device)
 
     def call() -> None:
         z, outputs = model(x)

@@ -415,7 +415,7 @@ def _own_model_step(
     log: list[dict[str, float]] | None = None,
 ) -> tuple[Step, MTL]:
     twin = copy.deepcopy(model)
-    mtl = MTL(config, shared=twin.get_submodule("encoder"))
+    mtl = MTL(config, shared=twin.get_submodule("encoder")).to(device=x.device)
     names = list(config["tasks"])
     params = list(twin.parameters())
 
