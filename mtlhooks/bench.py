@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlhooks.core import MTL
+from mtlhooks.errors import InputError
 
 Step = Callable[[], None]
 
@@ -724,16 +725,26 @@ def run(
     device: str | torch.device | None = None,
     dry_run: bool = False,
     repeats: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every (model, T) of ``suite``. ``quick``: a few rounds of the MLP only (for tests);
     ``dry_run``: each model of the suite at toy size, T = 2, one round (tests the machinery
     on a CPU; no memory measurement there)."""
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
+        raise InputError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
     chosen = torch.device(device if device is not None else "cpu")
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but torch.cuda.is_available() is False")
+        raise InputError(
+            "device 'cuda' asked for, but torch.cuda.is_available() is False: run on a CUDA "
+            "machine, or use --device cpu (--dry-run tests the gpu suite on a CPU)"
+        )
     configs: Sequence[tuple[str, int]] = SUITES[suite]
+    if only:
+        unknown = sorted(set(only) - {name for name, _ in configs})
+        if unknown:
+            names = sorted({name for name, _ in configs})
+            raise InputError(f"suite {suite!r} has no model {unknown}; it has {names}")
+        configs = [(name, tasks) for name, tasks in configs if name in only]
     if quick:
         configs, rounds, warmup = configs[:1], repeats or 3, 1
     elif dry_run:
@@ -855,13 +866,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=None, help="rounds to take medians of")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated models of the suite to run (e.g. mlp,cnn)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
     result = run(
-        quick=args.quick, suite=suite, device=device, dry_run=args.dry_run, repeats=args.repeats
+        quick=args.quick,
+        suite=suite,
+        device=device,
+        dry_run=args.dry_run,
+        repeats=args.repeats,
+        only=args.only.split(",") if args.only else None,
     )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:

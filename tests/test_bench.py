@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlhooks import MTL, bench
+from mtlhooks import MTL, MTLError, bench
 
 
 def _losses(problem, model, batch):
@@ -102,3 +102,13 @@ def test_a_linear_layer_applied_without_its_forward_makes_layerwise_materialise(
 def test_every_suite_names_known_models(suite):
     for model_name, tasks in bench.SUITES[suite]:
         assert model_name in bench.MODELS and model_name in bench.TINY and tasks >= 2
+
+
+def test_bad_bench_arguments_are_refused_with_what_to_do():
+    with pytest.raises(MTLError, match="unknown suite 'tpu'"):
+        bench.run(suite="tpu")
+    with pytest.raises(MTLError, match=r"has no model \['resnet18'\]; it has \['cnn', 'mlp'"):
+        bench.run(suite="cpu", only=["resnet18"])
+    if not torch.cuda.is_available():
+        with pytest.raises(MTLError, match="--dry-run tests the gpu suite"):
+            bench.run(suite="gpu", device="cuda")
