@@ -465,17 +465,19 @@ def _torchjd_steps(
 
 class _Clock:
     """Times one step: CUDA events on a CUDA device (synchronised before the step, so the
-    events span exactly this step's work), the wall clock elsewhere."""
+    events span exactly this step's work), the wall clock elsewhere, or with ``cpu_time`` the
+    CPU time of the calling thread (meaningful with one intra-op thread only)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, cpu_time: bool = False) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
+        self.now = time.thread_time if cpu_time else time.perf_counter
 
     def time(self, step: Step) -> float:
         if not self.cuda:
-            start = time.perf_counter()
+            start = self.now()
             step()
-            return time.perf_counter() - start
+            return self.now() - start
         torch.cuda.synchronize(self.device)
         begin = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -525,6 +527,7 @@ def measure(
     device: torch.device | str = "cpu",
     tiny: bool = False,
     memory: dict[str, int] | None = None,
+    cpu_time: bool = False,
 ) -> tuple[list[Case], dict[str, Any]]:
     """Interleave every step ``repeats`` times; return each case's median and ratios, and a
     summary of the model (size, what ``auto`` chose and why, notes). On CUDA, peak memory is
@@ -533,7 +536,7 @@ def measure(
     model, x, targets = _build(model_name, tasks, device, tiny, seed)
     setup = _steps(model, x, targets)
     steps = setup.steps
-    clock = _Clock(device)
+    clock = _Clock(device, cpu_time)
     times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
     shuffle = random.Random(seed)
@@ -726,6 +729,7 @@ def run(
     dry_run: bool = False,
     repeats: int | None = None,
     only: Sequence[str] | None = None,
+    cpu_time: bool = False,
 ) -> dict[str, Any]:
     """Every (model, T) of ``suite``. ``quick``: a few rounds of the MLP only (for tests);
     ``dry_run``: each model of the suite at toy size, T = 2, one round (tests the machinery
@@ -733,6 +737,11 @@ def run(
     if suite not in SUITES:
         raise InputError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
     chosen = torch.device(device if device is not None else "cpu")
+    if cpu_time:
+        if chosen.type != "cpu":
+            raise InputError("--cpu-time times CPU steps; on CUDA the bench uses CUDA events")
+        # The calling thread's CPU time counts its own work only: one intra-op thread.
+        torch.set_num_threads(1)
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise InputError(
             "device 'cuda' asked for, but torch.cuda.is_available() is False: run on a CUDA "
@@ -767,6 +776,7 @@ def run(
             device=chosen,
             tiny=dry_run,
             memory=memory.get(f"{model_name}/{tasks}"),
+            cpu_time=cpu_time,
         )
         cases += found
         models.append(summary)
@@ -775,7 +785,7 @@ def run(
         timing = "CUDA events"
         memory_kind = "torch.cuda.max_memory_allocated above the step's start"
     else:
-        timing = "wall clock (time.perf_counter)"
+        timing = "CPU time of the one thread (time.thread_time)" if cpu_time else "wall clock"
         memory_kind = None
         if memory:
             memory_kind = "peak resident bytes above the step's start (VmHWM), in a child process"
@@ -867,6 +877,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="rounds to take medians of")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread, timed by its CPU time: robust to other processes on a shared machine",
+    )
+    parser.add_argument(
         "--only", default=None, help="comma-separated models of the suite to run (e.g. mlp,cnn)"
     )
 
@@ -881,6 +896,7 @@ def main(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         repeats=args.repeats,
         only=args.only.split(",") if args.only else None,
+        cpu_time=args.cpu_time,
     )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:

@@ -109,6 +109,8 @@ def test_bad_bench_arguments_are_refused_with_what_to_do():
         bench.run(suite="tpu")
     with pytest.raises(MTLError, match=r"has no model \['resnet18'\]; it has \['cnn', 'mlp'"):
         bench.run(suite="cpu", only=["resnet18"])
+    with pytest.raises(MTLError, match="on CUDA the bench uses CUDA events"):
+        bench.run(suite="gpu", device="cuda", cpu_time=True)
     if not torch.cuda.is_available():
         with pytest.raises(MTLError, match="--dry-run tests the gpu suite"):
             bench.run(suite="gpu", device="cuda")
