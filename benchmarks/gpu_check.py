@@ -119,7 +119,7 @@ def _count_syncs(device: torch.device, space: str, method: str, mode: str) -> di
     def call() -> None:
         z, outputs = model(x)
         losses = {n: out.pow(2).mean() for n, out in zip(names, outputs)}
-        mtl.backward(losses, features=z)
+        mtl.backward(losses, features=z if mtl.space.value == "features" else None)
 
     call()
     if counting:

@@ -424,11 +424,16 @@ def _own_model_step(
         for p in params:
             p.grad = None
         z, losses = _losses(twin, x, targets)
-        report = mtl.backward(dict(zip(names, losses)), features=z)
+        report = mtl.backward(dict(zip(names, losses)), features=_at(mtl, z))
         if log is not None:
             log.append(dict(report.timings))
 
     return step, mtl
+
+
+def _at(mtl: MTL, features: Tensor) -> Tensor | None:
+    """``features=`` for ``mtl.backward``: z in space ``features``, nothing elsewhere."""
+    return features if mtl.space.value == "features" else None
 
 
 def _grad(parameter: Tensor) -> Tensor:

@@ -76,7 +76,7 @@ def _train(plugin: str, model: Net, x: torch.Tensor, steps: int) -> tuple[MTL, l
         for p in model.parameters():
             p.grad = None
         z, losses = _losses(model, x)
-        reports.append(mtl.backward(losses, features=z))
+        reports.append(mtl.backward(losses, features=z if mtl.space.value == "features" else None))
         mtl.after_step({t: loss.detach() for t, loss in losses.items()})
     return mtl, reports
 
@@ -131,7 +131,7 @@ def test_fp16_with_grad_scaler_skips_an_overflowing_step(device, space):
     with torch.autocast(device, dtype=torch.float16):
         z, losses = _losses(model, x)
     z.register_hook(lambda grad: grad * float("inf"))
-    mtl.backward(losses, features=z, loss_scale=scaler)
+    mtl.backward(losses, features=z if mtl.space.value == "features" else None, loss_scale=scaler)
     scaler.step(optimizer)
     scaler.update()
     for p, old in zip(model.parameters(), before):
@@ -141,7 +141,9 @@ def test_fp16_with_grad_scaler_skips_an_overflowing_step(device, space):
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=torch.float16):
         z, losses = _losses(model, x)
-    report = mtl.backward(losses, features=z, loss_scale=scaler)
+    report = mtl.backward(
+        losses, features=z if mtl.space.value == "features" else None, loss_scale=scaler
+    )
     scaler.step(optimizer)
     scaler.update()
     assert not report.skipped
@@ -167,10 +169,10 @@ def test_bf16_autocast_trains_and_an_inf_loss_skips_the_step(device, space):
     mtl = MTL(config, shared=model.encoder).to(device=device)
     reference_mtl = MTL(config, shared=reference.encoder).to(device=device)
     z, losses = _losses(reference, x)
-    reference_mtl.backward(losses, features=z)
+    reference_mtl.backward(losses, features=z if reference_mtl.space.value == "features" else None)
     with torch.autocast(device, dtype=torch.bfloat16):
         z, losses = _losses(model, x)
-    report = mtl.backward(losses, features=z)
+    report = mtl.backward(losses, features=z if mtl.space.value == "features" else None)
     assert not report.skipped
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0.1, atol=0.05)
@@ -180,7 +182,7 @@ def test_bf16_autocast_trains_and_an_inf_loss_skips_the_step(device, space):
     with torch.autocast(device, dtype=torch.bfloat16):
         z, losses = _losses(model, x)
     losses["b"] = losses["b"] * float("inf")
-    report = mtl.backward(losses, features=z)
+    report = mtl.backward(losses, features=z if mtl.space.value == "features" else None)
     assert report.skipped
     for p, grad, old in zip(model.parameters(), grads, params):
         assert torch.equal(p.grad, grad) and torch.equal(p.detach(), old)
@@ -235,7 +237,7 @@ def test_layerwise_gramian_on_the_device_equals_the_materialised_one(device, row
         )
         z, outputs = twin(x)
         losses = {t: (outputs[t] - 0.5).pow(2).mean() for t in TASKS}
-        report = mtl.backward(losses, features=z)
+        report = mtl.backward(losses, features=z if mtl.space.value == "features" else None)
         assert mtl._engine.last_gramian_choice.mode == mode
         results.append((report, [p.grad for p in twin.parameters()]))
         mtl.close()
@@ -279,6 +281,10 @@ def test_state_saved_on_the_device_loads_on_the_cpu_and_back(device):
             (device_model, device_mtl, x),
         ):
             z, losses = _losses(twin, where)
-            weights.append(twin_mtl.backward(losses, features=z).weights.cpu())
+            weights.append(
+                twin_mtl.backward(
+                    losses, features=z if twin_mtl.space.value == "features" else None
+                ).weights.cpu()
+            )
         torch.testing.assert_close(weights[1], weights[0], msg=plugin)
         torch.testing.assert_close(weights[2], weights[0], msg=plugin, rtol=0, atol=0)
