@@ -263,6 +263,7 @@ def test_state_saved_on_the_device_loads_on_the_cpu_and_back(device):
 
         cpu_model = copy.deepcopy(model).cpu()
         cpu_mtl = MTL({"tasks": TASKS, "plugins": [plugin]}, shared=cpu_model.encoder)
+        cpu_mtl.to(dtype=torch.float32)  # the model's dtype, which the saved state has
         buffer.seek(0)
         cpu_mtl.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
         back = io.BytesIO()
@@ -270,7 +271,7 @@ def test_state_saved_on_the_device_loads_on_the_cpu_and_back(device):
 
         device_model = copy.deepcopy(model)
         device_mtl = MTL({"tasks": TASKS, "plugins": [plugin]}, shared=device_model.encoder)
-        device_mtl.to(device=device)
+        device_mtl.to(device=device, dtype=torch.float32)
         back.seek(0)
         device_mtl.load_state_dict(torch.load(back, map_location=device, weights_only=False))
 
