@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -225,21 +224,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from mtlhooks.bench import MMAP_THRESHOLD, format_table, run
-
-    if MMAP_THRESHOLD not in os.environ and os.path.exists("/proc/self/clear_refs"):
-        # Re-run with large frees returned to the OS, so that peak memory can be measured.
-        env = {**os.environ, MMAP_THRESHOLD: "65536"}
-        flags = [flag for flag, on in (("--quick", args.quick), ("--json", args.json)) if on]
-        argv = [sys.executable, "-m", "mtlhooks.cli", "bench", *flags]
-        return subprocess.run(argv, env=env, check=False).returncode
-
-    result = run(quick=args.quick)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlhooks", description="Hook-based middleware for multi-task training loops."
@@ -270,13 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_cmd_demo)
 
-    bench = commands.add_parser("bench", help="measure step-time ratios against a plain loop")
-    bench.add_argument("--quick", action="store_true", help="a few rounds of one model (tests)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.set_defaults(run=_cmd_bench)
-
+    from mtlhooks import bench as bench_command
     from mtlhooks import plot as plot_command
     from mtlhooks import studies
+
+    bench = commands.add_parser("bench", help="measure step-time ratios against a plain loop")
+    bench_command.add_arguments(bench)
+    bench.set_defaults(run=bench_command.main)
 
     plot = commands.add_parser(
         "plot", help="draw a gradstats JSONL run, or methods on the two-objective toy"

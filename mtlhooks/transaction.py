@@ -45,8 +45,8 @@ def clone_tree(value: Any) -> Any:
 
 def check_state(saved: Any, current: Any, where: str) -> None:
     """Raise :class:`InputError` when ``saved`` cannot be the state of something whose state is
-    ``current`` now: other keys, a tensor of another shape or dtype, a tensor where a number
-    was (or the reverse). ``None`` on either side and an empty mapping now are accepted (state
+    ``current`` now: other keys, a tensor of another shape or kind of dtype (floating point,
+    integer, boolean), a tensor where a number was (or the reverse). ``None`` on either side and an empty mapping now are accepted (state
     not yet initialised), and lists may differ in length (histories grow)."""
     if saved is None or current is None:
         return
@@ -55,7 +55,7 @@ def check_state(saved: Any, current: Any, where: str) -> None:
             raise InputError(
                 f"{where}: expected {_describe(current)}, the saved state has {_describe(saved)}"
             )
-        if saved.shape != current.shape or saved.dtype != current.dtype:
+        if saved.shape != current.shape or _kind(saved) != _kind(current):
             raise InputError(
                 f"{where}: expected {_describe(current)}, the saved state has {_describe(saved)}"
                 " (saved with other tasks or options?)"
@@ -86,6 +86,16 @@ def check_state(saved: Any, current: Any, where: str) -> None:
         raise InputError(
             f"{where}: expected {_describe(current)}, the saved state has {_describe(saved)}"
         )
+
+
+def _kind(tensor: Tensor) -> str:
+    """Floating point states may change precision with the model (a float32 run's state loads
+    into a fresh float64 pipeline); an integer or boolean state may not become a float."""
+    if tensor.is_floating_point():
+        return "floating"
+    if tensor.is_complex():
+        return "complex"
+    return str(tensor.dtype)
 
 
 def _describe(value: Any) -> str:

@@ -302,7 +302,7 @@ def test_load_state_dict_refuses_mismatches_and_loads_nothing(problem):
     wrong_shape = copy.deepcopy(good)
     wrong_shape["plugins"]["gradvac"]["targets"] = torch.zeros(2, 2, dtype=torch.float64)
     wrong_dtype = copy.deepcopy(good)
-    wrong_dtype["plugins"]["gradvac"]["targets"] = good["plugins"]["gradvac"]["targets"].float()
+    wrong_dtype["plugins"]["gradvac"]["targets"] = good["plugins"]["gradvac"]["targets"].long()
     missing_key = copy.deepcopy(good)
     del missing_key["plugins"]["dwa"]["count"]
     bad_generator = copy.deepcopy(good)

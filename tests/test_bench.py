@@ -1,0 +1,119 @@
+"""The benchmark's machinery (never its timings: this machine is shared and noisy) and the
+engine's account of which Gramian ``params_gramian: auto`` takes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mtlhooks import MTL, MTLError, bench
+
+
+def _losses(problem, model, batch):
+    z, outputs = model(problem.x[:batch])
+    return z, {t: (outputs[t] - 0.5).pow(2).mean() for t in problem.tasks}
+
+
+def _run(problem, config, batch=None, shared=None):
+    model = copy.deepcopy(problem.model)
+    source = model.encoder if shared is None else shared(model)
+    mtl = MTL({"tasks": problem.tasks, "plugins": ["mgda"], **config}, shared=source)
+    z, losses = _losses(problem, model, batch or len(problem.x))
+    mtl.backward(losses, features=z if mtl.space.value == "features" else None)
+    choice = mtl._engine.last_gramian_choice
+    mtl.close()
+    return choice
+
+
+def test_auto_names_why_it_takes_the_layerwise_gramian(problem):
+    # Batch 2: 2 rows × (8 + 6) outputs = 28 < 102 parameters, all in nn.Linear layers.
+    choice = _run(problem, {"space": "params"}, batch=2)
+    assert choice.mode == "layerwise"
+    assert "100.0%" in choice.reason and "(28)" in choice.reason and "(102)" in choice.reason
+
+
+def test_auto_names_why_it_materialises(problem):
+    # Batch 9: 9 × 14 = 126 rows × outputs ≥ 102 parameters: J is the smaller.
+    choice = _run(problem, {"space": "params"})
+    assert choice.mode == "materialize" and "(126)" in choice.reason
+
+    forced = _run(problem, {"space": "params", "params_gramian": "materialize"}, batch=2)
+    assert forced.mode == "materialize" and "params_gramian is 'materialize'" in forced.reason
+
+    tensors = _run(problem, {"space": "params"}, batch=2, shared=lambda m: m.encoder.parameters())
+    assert tensors.mode == "materialize" and "tensors, not a module" in tensors.reason
+
+    features = _run(problem, {"space": "features"}, batch=2)
+    assert features.mode == "materialize" and "one block" in features.reason
+
+
+def test_auto_names_the_share_of_untapped_parameters():
+    torch.manual_seed(0)
+    model = bench._CNN(2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, outputs = model(x)
+    choices = bench.auto_choices(model, x, [torch.randn_like(o) for o in outputs])
+    # The two convolutions hold 19 k of the 543 k shared parameters (3.6 %).
+    assert choices["params"]["mode"] == "materialize"
+    assert "96.4%" in choices["params"]["reason"]
+    # The last shared layer is the linear one: layerwise when its rows are few.
+    assert choices["last_shared"]["mode"] == "layerwise"
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention applies its out_proj (an nn.Linear) with F.linear, never through
+    the module's forward: its forward hook never fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+
+    def forward(self, x):
+        z = self.encoder(x, x, x, need_weights=False)[0].mean(dim=1)
+        return z, [head(z) for head in self.heads]
+
+
+def test_a_linear_layer_applied_without_its_forward_makes_layerwise_materialise():
+    torch.manual_seed(0)
+    model = _Attention()
+    x = torch.randn(3, 5, 4)
+    mtl = MTL(
+        {
+            "tasks": ["a", "b"],
+            "plugins": ["mgda"],
+            "space": "params",
+            "params_gramian": "layerwise",
+        },
+        shared=model.encoder,
+    )
+    z, outputs = model(x)
+    mtl.backward(
+        {t: out.pow(2).mean() for t, out in zip("ab", outputs)},
+        features=z if mtl.space.value == "features" else None,
+    )
+    choice = mtl._engine.last_gramian_choice
+    assert choice.mode == "materialize" and "recorded no forward call" in choice.reason
+    mtl.close()
+
+
+@pytest.mark.parametrize("suite", sorted(bench.SUITES))
+def test_every_suite_names_known_models(suite):
+    for model_name, tasks in bench.SUITES[suite]:
+        assert model_name in bench.MODELS and model_name in bench.TINY and tasks >= 2
+
+
+def test_bad_bench_arguments_are_refused_with_what_to_do():
+    with pytest.raises(MTLError, match="unknown suite 'tpu'"):
+        bench.run(suite="tpu")
+    with pytest.raises(MTLError, match=r"has no model \['resnet18'\]; it has \['cnn', 'mlp'"):
+        bench.run(suite="cpu", only=["resnet18"])
+    with pytest.raises(MTLError, match="on CUDA the bench uses CUDA events"):
+        bench.run(suite="gpu", device="cuda", cpu_time=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(MTLError, match="--dry-run tests the gpu suite"):
+            bench.run(suite="gpu", device="cuda")
