@@ -149,28 +149,34 @@ def test_adam_heads_only_ignores_a_loss_scale_and_sgd_does_not():
     """What the adam study rests on: with the trunk frozen every trained parameter sees one
     loss, and Adam's update does not depend on its scale (up to ε); SGD's does."""
     results = {}
-    for optimizer, lr in (("adam", 3e-3), ("sgd", 0.01)):
-        settings = common.Settings(steps=15, optimizer=optimizer, lr=lr)
-        for factor in (1.0, 100.0):
+    for optimizer, lr in (("adam", 3e-3), ("sgd", 0.3)):
+        settings = common.Settings(steps=30, optimizer=optimizer, lr=lr)
+        for factor in (1.0, 10.0):
             outcome = common.execute(
                 _job(settings=settings, heads_only=True, multipliers=(("t0", factor),))
             )
             assert outcome["failure"] is None
             results[optimizer, factor] = outcome["test"]
     for task in ("t0", "t1", "t2"):
-        assert results["adam", 100.0][task] == pytest.approx(results["adam", 1.0][task], rel=1e-4)
-    assert results["sgd", 100.0]["t0"] != pytest.approx(results["sgd", 1.0]["t0"], rel=0.05)
-    # The other tasks' heads see nothing of t0's loss: SGD leaves them unchanged too.
-    assert results["sgd", 100.0]["t1"] == pytest.approx(results["sgd", 1.0]["t1"], rel=1e-5)
+        assert results["adam", 10.0][task] == pytest.approx(results["adam", 1.0][task], rel=1e-4)
+    # SGD moves t0's head ten times as far per step ...
+    assert results["sgd", 10.0]["t0"] != pytest.approx(results["sgd", 1.0]["t0"], rel=0.02)
+    # ... and the other heads, which see nothing of t0's loss, not at all.
+    assert results["sgd", 10.0]["t1"] == pytest.approx(results["sgd", 1.0]["t1"], rel=1e-5)
 
 
 def test_uncertainty_weighting_at_its_optimum_removes_a_loss_scale():
-    plain = common.execute(_job(uw_optimum=True))
-    scaled = common.execute(_job(uw_optimum=True, multipliers=(("t0", 1000.0),)))
+    """ℓ / (2·sg(ℓ)) has the gradient ½∇ℓ/ℓ whatever factor ℓ carries, even under SGD."""
+    sgd = common.Settings(steps=15, optimizer="sgd", lr=0.1)
+    plain = common.execute(_job(settings=sgd, uw_optimum=True))
+    scaled = common.execute(_job(settings=sgd, uw_optimum=True, multipliers=(("t0", 1000.0),)))
     for task, value in plain["test"].items():
-        assert scaled["test"][task] == pytest.approx(value, rel=1e-3)
-    equal = common.execute(_job())
-    assert equal["test"] != pytest.approx(plain["test"], rel=1e-3)
+        assert scaled["test"][task] == pytest.approx(value, rel=1e-4)
+    # Without it the same factor breaks SGD.
+    unweighted = common.execute(_job(settings=sgd, multipliers=(("t0", 1000.0),)))
+    assert unweighted["failure"] is not None or unweighted["test"] != pytest.approx(
+        plain["test"], rel=0.05
+    )
 
 
 def test_a_diverging_run_is_recorded_not_raised():

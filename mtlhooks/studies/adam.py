@@ -46,6 +46,7 @@ from mtlhooks.studies.common import (
     seeds_list,
     signed,
     summary,
+    training,
 )
 
 SCALES = (1.0, 10.0, 100.0, 1000.0)
@@ -145,12 +146,13 @@ def run(
     """Run the study; ``quick`` trains a few dozen steps on a tiny problem (its numbers mean
     nothing)."""
     spec = ProblemSpec("regression", "equal", quick)
-    steps = 60 if quick else 800
+    steps = training(spec).steps
     lrs = SGD_LRS[::4] if quick else SGD_LRS
     seed_list = seeds_list(seeds)
     problem = build_problem(spec)
     trivial = problem.trivial("test")
     timer = Timer()
+    origin = provenance()  # before training: the code that runs
     plan = _Plan(spec, steps)
     with Runner(jobs, progress=progress) as runner:
         # Phase 1: every Adam run, and the SGD learning-rate sweeps on seed 0.
@@ -242,7 +244,7 @@ def run(
         },
         "blocks": blocks,
         **timing,
-        "provenance": provenance(),
+        "provenance": origin,
     }
     result["verdicts"] = _verdicts(result)
     result["table"] = format_result(result)

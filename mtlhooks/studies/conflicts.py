@@ -35,7 +35,6 @@ from mtlhooks.studies.common import (
     Measure,
     ProblemSpec,
     Runner,
-    Settings,
     StudyError,
     Timer,
     build_problem,
@@ -46,6 +45,7 @@ from mtlhooks.studies.common import (
     provenance,
     seeds_list,
     summary,
+    training,
 )
 
 PROBLEMS = ("regression", "multimnist")
@@ -59,12 +59,6 @@ ANGLE_MARGIN = 0.10
 their conflict rate at most this much higher than between the halves of one task's batch."""
 GMS_MARGIN = 0.10
 """Magnitudes "differ" between tasks when their GMS is at least this much below the halves'."""
-
-
-def _settings(spec: ProblemSpec) -> Settings:
-    if spec.family == "regression":
-        return Settings(steps=30 if spec.quick else 800, lr=3e-3)
-    return Settings(steps=20 if spec.quick else 1200, lr=1e-3)
 
 
 def parse_problems(text: str | None, quick: bool) -> list[ProblemSpec]:
@@ -169,14 +163,15 @@ def run(
     seed_list = seeds_list(seeds)
     measure = _measure(quick)
     timer = Timer()
+    origin = provenance()  # before training: the code that runs
     planned: list[Job] = []
     for spec in specs:
         names = build_problem(spec).names
         for seed in seed_list:
-            planned.append(Job(spec, "equal weights", (), _settings(spec), seed, measure=measure))
+            planned.append(Job(spec, "equal weights", (), training(spec), seed, measure=measure))
             for task in names:
                 planned.append(
-                    Job(spec, f"STL {task}", (), _settings(spec), seed, (task,), measure=measure)
+                    Job(spec, f"STL {task}", (), training(spec), seed, (task,), measure=measure)
                 )
     with Runner(jobs, progress=progress) as runner:
         outcomes = runner.run(planned, "conflicts: train and measure")
@@ -197,7 +192,7 @@ def run(
                 "problem": spec.family,
                 "label": spec.label,
                 "tasks": list(names),
-                "settings": _settings(spec).__dict__,
+                "settings": training(spec).__dict__,
                 "mtl_test": {t: summary([r["test"][t] for r in mtl_runs]) for t in names},
                 "stl_test": {t: summary([r["test"][t] for r in stl_runs[t]]) for t in names},
                 "phases": _phase_stats(mtl_runs, stl_runs, measure, names),
@@ -219,7 +214,7 @@ def run(
         "margins": {"angle": ANGLE_MARGIN, "gms": GMS_MARGIN},
         "problems": blocks,
         **timing,
-        "provenance": provenance(),
+        "provenance": origin,
     }
     result["table"] = format_result(result)
     return result

@@ -48,7 +48,6 @@ from mtlhooks.studies.common import (
     Job,
     ProblemSpec,
     Runner,
-    Settings,
     StudyError,
     TaskSpec,
     Timer,
@@ -65,6 +64,7 @@ from mtlhooks.studies.common import (
     seeds_list,
     signed,
     summary,
+    training,
 )
 
 PROBLEMS = ("regression:loss", "regression:target", "multimnist:target")
@@ -120,12 +120,6 @@ def methods(which: str) -> dict[str, list[Any]]:
     return chosen
 
 
-def _settings(spec: ProblemSpec) -> Settings:
-    if spec.family == "regression":
-        return Settings(steps=30 if spec.quick else 800, lr=3e-3)
-    return Settings(steps=20 if spec.quick else 1200, lr=1e-3)
-
-
 def _observe_every(spec: ProblemSpec) -> int:
     return 5 if spec.quick else 20
 
@@ -157,7 +151,7 @@ def _grid_job(spec: ProblemSpec, tasks: Sequence[str], exponents: tuple[int, ...
         spec,
         "grid",
         ({"name": "static", "weights": weights},),
-        _settings(spec),
+        training(spec),
         SEARCH_SEED,
         observe_every=_observe_every(spec),
         tag=",".join(str(k) for k in exponents),
@@ -367,7 +361,7 @@ def _assemble(
             }
             for t in tasks
         ],
-        "settings": _settings(spec).__dict__,
+        "settings": training(spec).__dict__,
         "baseline": {
             split: {t: summary([baseline[split][s][t] for s in seeds]) for t in names}
             for split in ("val", "test")
@@ -432,6 +426,7 @@ def run(
     if quick:
         chosen = {k: chosen[k] for k in ("equal weights", "avgnorm", "mgda")}
     timer = Timer()
+    origin = provenance()  # before training: the code that runs
     with Runner(jobs, progress=progress) as runner:
         first: list[Job] = []
         stl_keys: dict[tuple[str, str, int], int] = {}
@@ -444,7 +439,7 @@ def run(
                     if key not in stl_keys:
                         stl_keys[key] = len(first)
                         first.append(
-                            Job(spec.baseline, f"STL {task}", (), _settings(spec), seed, (task,))
+                            Job(spec.baseline, f"STL {task}", (), training(spec), seed, (task,))
                         )
             for name, plugins in chosen.items():
                 for seed in seed_list:
@@ -453,7 +448,7 @@ def run(
                             spec,
                             name,
                             tuple(plugins),
-                            _settings(spec),
+                            training(spec),
                             seed,
                             observe_every=_observe_every(spec),
                         )
@@ -493,7 +488,7 @@ def run(
                 spec,
                 "grid",
                 ({"name": "static", "weights": _grid_weights(build_problem(spec).names, w)},),
-                _settings(spec),
+                training(spec),
                 seed,
                 observe_every=_observe_every(spec),
                 tag=",".join(str(k) for k in w),
@@ -538,7 +533,7 @@ def run(
         },
         "problems": blocks,
         **timing,
-        "provenance": provenance(),
+        "provenance": origin,
     }
     result["table"] = format_result(result)
     return result

@@ -249,11 +249,15 @@ def plot_conflicts(result: dict[str, Any], path: Path) -> None:
         "halves, STL models": ("halves_stl", "C1", "--"),
         "halves, MTL model": ("halves_mtl", "C2", ":"),
     }
-    quantities = (("cosine", "mean cosine"), ("conflict", "conflict rate"), ("gms", "GMS"))
+    quantities = (
+        ("cosine", "mean cosine", (-0.25, 1.0)),
+        ("conflict", "conflict rate", (0.0, 1.0)),
+        ("gms", "GMS (1: equal norms)", (0.0, 1.02)),
+    )
     for row, block in zip(axes, blocks):
         trained = block["phases"]["trained"]
         sizes = [int(s) for s in trained]
-        for ax, (quantity, ylabel) in zip(row, quantities):
+        for ax, (quantity, ylabel, limits) in zip(row, quantities):
             for label, (prefix, colour, style) in series.items():
                 stats = [trained[str(s)].get(f"{prefix}_{quantity}") for s in sizes]
                 if any(s is None for s in stats):
@@ -272,6 +276,8 @@ def plot_conflicts(result: dict[str, Any], path: Path) -> None:
                     label=label,
                 )
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(s) for s in sizes])
+            ax.set_ylim(*limits)
             ax.set_xlabel("batch size (each half: half of it)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{block['label']}: {ylabel}", fontsize=9)
