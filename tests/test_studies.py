@@ -15,7 +15,7 @@ import torch
 from mtlhooks import MTL
 from mtlhooks.cli import main
 from mtlhooks.problems import toy_losses
-from mtlhooks.studies import adam, common, imbalance, report
+from mtlhooks.studies import adam, common, conflicts, imbalance, report
 
 
 def run_cli_json(capsys, *args: str) -> dict:
@@ -233,8 +233,9 @@ def test_study_imbalance_quick_json(capsys):
         best = max((p for p in points if p["failure"] is None), key=lambda p: p["val_delta_m"])
         assert best["exponents"] == list(block["grid"]["winner_exponents"].values())
         assert block["correlation"]["points"] == 3 * len(points)
-    # The MultiMNIST block's single-task baselines are the same in both regimes' units.
     assert "| equal weights" in result["table"]
+    # The docs are rendered from the JSON: the same tables as the run printed.
+    assert imbalance.format_result(result) == result["table"]
 
 
 def test_study_refuses_loudly_without_mlxtend(capsys, monkeypatch):
@@ -268,6 +269,7 @@ def test_study_adam_quick_json(capsys):
             assert all(v == 0.0 for v in stats["values"])
     claims = [v["claim"] for v in result["verdicts"] if "invariant" in v]
     assert "heads only: Adam invariant to one task's loss scale" in claims
+    assert adam.format_result(result) == result["table"]
 
 
 def test_study_conflicts_quick_json(capsys, tmp_path):
@@ -281,6 +283,7 @@ def test_study_conflicts_quick_json(capsys, tmp_path):
                         continue
                     low = -1.0 if key.endswith("cosine") else 0.0
                     assert all(low <= v <= 1.0 for v in stats["values"]), key
+    assert conflicts.format_result(result) == result["table"]
     logged = json.loads((tmp_path / "conflicts-multimnist.json").read_text())
     assert {r["method"] for r in logged["runs"]} == {
         "equal weights",

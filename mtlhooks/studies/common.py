@@ -373,6 +373,8 @@ class Settings:
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
+    adam_eps: float = 1e-8
+    """Adam's ε (PyTorch's default; the adam study also runs a near-zero one)."""
     checkpoints: int = 4
     """Validation metrics are recorded at this many evenly spaced steps (convergence check)."""
 
@@ -548,7 +550,7 @@ def execute(job: Job) -> dict[str, Any]:
     parameters = [*trained, *mtl.parameters()]
     optimizer: torch.optim.Optimizer
     if settings.optimizer == "adam":
-        optimizer = torch.optim.Adam(parameters, lr=settings.lr, fused=True)
+        optimizer = torch.optim.Adam(parameters, lr=settings.lr, eps=settings.adam_eps, fused=True)
     else:
         optimizer = torch.optim.SGD(
             parameters, lr=settings.lr, momentum=settings.momentum, foreach=True
@@ -866,8 +868,9 @@ def pm(stats: Mapping[str, Any] | None, digits: int = 1, *, sign: bool = True) -
     if stats is None or not stats["values"]:
         return "—"
     shown = signed(stats["mean"], digits) if sign else fmt(stats["mean"], digits)
-    if math.isfinite(stats["sd"]):
-        shown += f" ± {stats['sd']:.{digits}f}"
+    spread = stats["sd"]  # NaN in memory, null once through JSON
+    if spread is not None and math.isfinite(spread):
+        shown += f" ± {spread:.{digits}f}"
     return shown
 
 

@@ -114,7 +114,7 @@ def _adam_rows(result: dict[str, Any]) -> list[str]:
             verdict["as_claimed"]
         ]
         rows.append(
-            f"| `mtlhooks study adam` | {verdict['claim']} | largest |Δ| "
+            f"| `mtlhooks study adam` | {verdict['claim']} | largest abs. change "
             f"{fmt(verdict['max_abs_change_percent'], 2)} % (noise floor "
             f"{fmt(verdict['noise_floor_percent'], 2)} %, bound {fmt(verdict['bound_percent'], 2)}"
             f" %), {verdict['runs_not_trained']} runs not trained | "
@@ -288,43 +288,65 @@ def plot_conflicts(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_adam(result: dict[str, Any], path: Path) -> None:
-    """Change of each task's test RMSE against the loss factor, per experiment and optimiser."""
+    """Change of each task's test RMSE against the loss factor, per experiment and optimiser;
+    a condition where some run diverged or collapsed is drawn as a cross on the axis, not as a
+    finite value."""
     plt = _pyplot()
-    blocks = [b for b in result["blocks"] if b["experiment"] in ("one", "heads", "all")]
-    experiments = list(dict.fromkeys(b["experiment"] for b in blocks))
+    panel = {"one": "one", "heads": "heads", "all": "all", "all_eps": "all"}
+    blocks = [b for b in result["blocks"] if b["experiment"] in panel]
+    experiments = list(dict.fromkeys(panel[b["experiment"]] for b in blocks))
     fig, axes = plt.subplots(
-        1, len(experiments), figsize=(4.6 * len(experiments), 3.8), squeeze=False
+        1, len(experiments), figsize=(5.2 * len(experiments), 4.2), squeeze=False
     )
-    styles = {"adam": "-", "sgd fixed": "--", "sgd tuned": ":"}
+    styles = {"adam": "-", "sgd fixed": "--", "sgd tuned": ":", "adam tiny eps": "-."}
     for ax, experiment in zip(axes[0], experiments):
-        for block in (b for b in blocks if b["experiment"] == experiment):
+        mine = [b for b in blocks if panel[b["experiment"]] == experiment]
+        untrained: list[tuple[float, str]] = []
+        for block in mine:
             rows = [r for r in block["rows"] if r["factor"] is not None]
             for k, task in enumerate(result["trivial"]):
                 xs, ys = [], []
                 for row in rows:
-                    stats = row["change_percent"][task]
-                    if stats["values"]:
+                    if all(status == "ok" for status in row["status"]):
                         xs.append(row["factor"])
-                        ys.append(stats["mean"])
+                        ys.append(row["change_percent"][task]["mean"])
+                tiny = block["experiment"] == "all_eps"
                 ax.plot(
                     xs,
                     ys,
                     color=f"C{k}",
-                    ls=styles[block["optimizer"]],
+                    ls=styles["adam tiny eps" if tiny else block["optimizer"]],
                     marker="o",
                     ms=3,
-                    label=f"{task}, {block['label']}",
+                    label=f"{task}, {block['label']}" + (", ε = 1e-20" if tiny else ""),
                 )
-        floor = next(b for b in blocks if b["experiment"] == experiment)["noise_floor_percent"]
+            for row in rows:
+                if not all(status == "ok" for status in row["status"]):
+                    untrained.append((row["factor"], block["label"]))
+        low, high = ax.get_ylim()
+        for factor, label in untrained:
+            ax.plot([factor], [high], marker="x", color="red", ms=8, clip_on=False)
+            ax.annotate(
+                label.replace(", ", "\n"),
+                (factor, high),
+                textcoords="offset points",
+                xytext=(0, -22),
+                ha="center",
+                fontsize=6,
+                color="red",
+            )
+        if untrained:
+            ax.plot([], [], "x", color="red", label="some run diverged or collapsed")
+        floor = mine[0]["noise_floor_percent"]
         if floor:
-            ax.axhspan(-floor, floor, color="grey", alpha=0.25, label="rounding noise floor")
+            ax.axhspan(-floor, floor, color="grey", alpha=0.3, label="Adam's rounding noise floor")
+        ax.set_ylim(low, high)
         ax.set_xscale("log")
         ax.set_xlabel("loss factor c")
-        ax.set_ylabel("change of test RMSE vs ×1 (%)")
-        ax.set_title(
-            blocks[[b["experiment"] for b in blocks].index(experiment)]["description"], fontsize=9
-        )
-        ax.legend(fontsize=6)
+        ax.set_ylabel("change of test RMSE vs ×1 (%, positive = worse)")
+        ax.set_title(mine[0]["description"], fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+    fig.suptitle("adam study: mean over seeds of each task's change (t1 and t2 overlap)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
