@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-dir",
         default=None,
-        help="conflicts: write the measured statistics as JSONL here",
+        help="conflicts: also write every run's measurements here (one JSON file per problem)",
     )
 
 
