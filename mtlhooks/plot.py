@@ -376,7 +376,12 @@ def plot_run(records: Sequence[dict[str, Any]], out: str | Path, *, title: str =
 def toy_methods() -> dict[str, list[Any]]:
     """Equal weights and the installed aggregators of :data:`TOY_PREFERRED` (all installed
     aggregators when fewer than two of those are), as name → plugin list."""
-    aggregators = [i.name for i in registry.available_plugins() if i.family is Family.AGGREGATOR]
+    aggregators = [
+        i.name
+        for i in registry.available_plugins()
+        if i.family is Family.AGGREGATOR
+        and not i.cls.__module__.startswith("mtlhooks.integrations.")
+    ]
     chosen = [name for name in TOY_PREFERRED if name in aggregators]
     if len(chosen) < 2:
         chosen = aggregators

@@ -105,13 +105,16 @@ CORE_METHODS: dict[str, list[Any]] = {
 
 def methods(which: str) -> dict[str, list[Any]]:
     """``core``: the methods above; ``all``: also every other installed aggregator and
-    norm-balancing plugin (FairGrad with α = 2, its α = 1 being Nash-MTL)."""
+    norm-balancing plugin (FairGrad with α = 2, its α = 1 being Nash-MTL), adapters to other
+    libraries excepted."""
     if which == "core":
         return dict(CORE_METHODS)
     if which != "all":
         raise StudyError(f"--methods must be 'core' or 'all', got {which!r}")
     chosen = dict(CORE_METHODS)
     for info in registry.available_plugins():
+        if info.cls.__module__.startswith("mtlhooks.integrations."):
+            continue  # adapters to other libraries (torchjd) repeat built-in methods
         if info.family in (Family.AGGREGATOR, Family.NORM_BALANCING) and info.name not in chosen:
             if info.name == "fairgrad":
                 chosen["fairgrad α=2"] = [{"name": "fairgrad", "alpha": 2.0}]
