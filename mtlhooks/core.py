@@ -933,7 +933,7 @@ class MTL:
                 per_task,
                 step.features,
                 combined,
-                heads.to(device),
+                hostsync.to_device(heads, device),
                 scale,
                 auxiliary=step.auxiliary_losses,
                 writes=writes,
@@ -949,7 +949,7 @@ class MTL:
             engine.write_weighted(
                 step.loss_tensors,
                 per_task,
-                coefficients.to(device),
+                hostsync.to_device(coefficients, device),
                 scale,
                 heads=self._head_coefficients(weights, alphas is not None, device),
                 features=step.features,
@@ -980,7 +980,7 @@ class MTL:
         if mode == "aggregated" or (mode == "weighted" and not aggregated):
             return None
         heads = weights if mode == "weighted" else torch.ones_like(weights)
-        return heads.to(device)
+        return hostsync.to_device(heads, device)
 
     def _after_nonfinite_write(self, step: Step, start: float) -> StepReport:
         """The written gradients (or the losses or weights checked with them) are not finite:

@@ -48,6 +48,16 @@ def to_host(tensor: Tensor) -> Tensor:
     return tensor.detach().to("cpu")
 
 
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` (host weights) on ``device`` without a sync: from pinned memory,
+    asynchronously, to CUDA (a copy from pageable memory would wait for the device)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def count() -> int:
     """How many host syncs the pipeline made on this thread so far."""
     return int(getattr(_local, "count", 0))

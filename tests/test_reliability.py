@@ -425,3 +425,43 @@ def test_host_sync_budget(problem, plugins, space, expected):
     with hostsync.counting() as syncs:
         _backward(mtl_exact, problem, sync=False)
     assert syncs[0] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("plugins", "space", "budget"),
+    [
+        ([], "none", 1),
+        (["static"], "none", 1),
+        (["mgda"], "features", 2),
+        (["avgnorm", "pcgrad"], "last_shared", 2),
+        (["upgrad"], "params", 2),
+        (["nash_mtl"], "params", 2),
+    ],
+)
+def test_host_sync_budget_on_cuda(make_problem, plugins, space, budget):
+    """On CUDA, torch's own sync detector counts the waits of one backward() call: at most
+    the pipeline's budget (mtlhooks.hostsync), whatever the solver."""
+    import warnings
+
+    problem = make_problem()
+    model = problem.model.cuda()
+    problem.x = problem.x.cuda()
+    mtl = MTL({"tasks": problem.tasks, "plugins": plugins, "space": space}, shared=model.encoder)
+    mtl.to("cuda")
+    _backward(mtl, problem)  # warm-up: lazy initialisations sync once
+    for p in model.parameters():
+        p.grad = None
+    z, losses = problem.losses()
+    features = z if mtl.space is Space.FEATURES else None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            mtl.backward(losses, features=features)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= budget, [str(w.message) for w in syncs]
