@@ -151,6 +151,14 @@ class MTLConfig(BaseModel):
         "(T× the usual traffic; equals one process on the global batch); 'gramian' all-reduces "
         "only the T×T Gramians and lets DDP sync one weighted backward (approximate weights).",
     )
+    check_gradients: bool = Field(
+        default=True,
+        description="Check every gradient a call writes for NaN/inf (then follow on_nonfinite, "
+        "with .grad put back): one read of the written gradients per call, a few percent of a "
+        "small model's step on a CPU. false checks only the losses, the weights and the "
+        "Gramian: a non-finite gradient of a finite loss (a sqrt at 0 in the graph) then "
+        "reaches .grad. Under a loss_scale the GradScaler checks the gradients either way.",
+    )
     task_specific: Literal["aggregated", "weighted", "unweighted"] = Field(
         default="aggregated",
         description="What the task-specific parameters (heads) receive: 'aggregated' Σ αᵢwᵢ∇Lᵢ "

@@ -269,6 +269,7 @@ class MTL:
             "on_nonfinite": config.on_nonfinite,
             "params_gramian": config.params_gramian,
             "task_specific": config.task_specific,
+            "check_gradients": config.check_gradients,
             "shared parameters": described(self._shared),
             "last_shared parameters": described(self._last_shared),
         }
@@ -749,7 +750,7 @@ class MTL:
         """The one host sync after writing: ``extra`` and, without a loss scale (whose
         GradScaler checks the gradients itself), every gradient this call wrote."""
         tensors = list(extra)
-        if step.loss_scale is None:
+        if step.loss_scale is None and self.config.check_gradients:
             tensors += self._writes.written()
         if hostsync.host_flag(hostsync.all_finite(tensors)):
             return True

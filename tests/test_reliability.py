@@ -465,3 +465,19 @@ def test_host_sync_budget_on_cuda(make_problem, plugins, space, budget):
             torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= budget, [str(w.message) for w in syncs]
+
+
+def test_check_gradients_false_trusts_the_gradients_of_finite_losses(problem):
+    """The documented trade: without the gradient check a NaN gradient of a finite loss is
+    written (the losses, weights and Gramian are still checked)."""
+    mtl = MTL({"tasks": problem.tasks, "check_gradients": False, "on_nonfinite": "skip"})
+    handle = _poison(problem.model.heads["a"].weight)
+    report = _backward(mtl, problem)
+    handle.remove()
+    assert not report.skipped
+    assert not torch.isfinite(problem.model.heads["a"].weight.grad).all()
+    problem.zero_grad()
+    _, losses = problem.losses()
+    losses["b"] = losses["b"] * float("nan")
+    assert mtl.backward(losses).skipped
+    assert all(p.grad is None for p in problem.model.parameters())
