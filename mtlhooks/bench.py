@@ -252,6 +252,7 @@ SUITES: dict[str, tuple[tuple[str, int], ...]] = {
 
 CASES: tuple[tuple[str, str, str], ...] = (
     ("none", "static", "auto"),
+    ("none", "static", "unchecked"),
     ("features", "mgda", "auto"),
     ("last_shared", "avgnorm", "auto"),
     ("params", "pcgrad", "materialize"),
@@ -259,7 +260,8 @@ CASES: tuple[tuple[str, str, str], ...] = (
     ("params", "mgda", "materialize"),
     ("params", "mgda", "layerwise"),
 )
-"""(space, plugin, params_gramian) measured for each model and task count."""
+"""(space, plugin, params_gramian) measured for each model and task count; ``unchecked``:
+``check_gradients: false`` (only losses, weights and Gramian checked for NaN/inf)."""
 
 TORCHJD_METHODS = {"pcgrad": "PCGrad", "mgda": "MGDA"}
 """Our plugin → the TorchJD aggregator compared with it (``mtl_backward`` + ``jac_to_grad``)."""
@@ -386,7 +388,11 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
     mtls: dict[str, MTL] = {}
     stages: dict[str, list[dict[str, float]]] = {}
     for space, method, mode in CASES:
-        config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
+        config: dict[str, Any] = {"tasks": names, "space": space, "plugins": [method]}
+        if mode == "unchecked":
+            config["check_gradients"] = False
+        else:
+            config["params_gramian"] = mode
         # One MTL per model, as in real use: an MTL's forward hooks (layerwise Gramian) would
         # otherwise record the other cases' forwards too.
         key = _key(space, method, mode)
@@ -571,7 +577,7 @@ def measure(
                 model=model_name,
                 tasks=tasks,
                 space=space,
-                method=method + (f" [{mode}]" if per_task else ""),
+                method=method + (f" [{mode}]" if per_task or mode == "unchecked" else ""),
                 seconds=seconds,
                 ratio_to_plain=seconds / median["plain"],
                 ratio_to_floor=seconds / median["floor"] if per_task else None,

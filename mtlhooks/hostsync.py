@@ -85,22 +85,20 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     overflows although every entry is finite (entries near the dtype's largest value) is only
     a suspicion, which :func:`confirm_nonfinite` settles on the failure path.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    flags: list[Tensor] = []
-    small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    fused: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
         key = (tensor.device, tensor.dtype)
-        if tensor.numel() <= _SMALL:
-            small.setdefault(key, []).append(tensor.reshape(-1))
-        elif tensor.device.type == "cuda" and tensor.is_contiguous():
-            groups.setdefault(key, []).append(tensor)
+        if tensor.device.type == "cuda" and tensor.is_contiguous() and tensor.numel() > _SMALL:
+            fused.setdefault(key, []).append(tensor)
         else:
-            flags.append(torch.isfinite(tensor.sum()))
-    # Small tensors (biases, losses, weights) in one go per device and dtype.
-    flags.extend(torch.isfinite(torch.cat(parts)).all() for parts in small.values())
-    for (device, _), group in groups.items():
+            sums.setdefault(key, []).append(tensor.sum())
+    # The sum of the sums is non-finite exactly when one of them is (or it overflows: then
+    # confirm_nonfinite decides).
+    flags = [torch.isfinite(torch.stack(parts).sum()) for parts in sums.values()]
+    for (device, _), group in fused.items():
         found = torch.zeros(1, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
         flags.append(found.reshape(()) == 0)
