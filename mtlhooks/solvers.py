@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from mtlhooks.errors import SolverError
+from mtlhooks.method import check_gramian, is_finite, mean, nan_weights
 
 __all__ = [
     "cosine_from_gramian",
@@ -774,3 +775,158 @@ def psd_pinv_solve(matrix: Tensor, rhs: Tensor, *, rtol: float | None = None) ->
     coefficients = (vectors.transpose(-2, -1) @ rhs.to(dtype).unsqueeze(-1)).squeeze(-1)
     result = (vectors @ (inverse * coefficients).unsqueeze(-1)).squeeze(-1)
     return result.to(matrix.dtype)
+
+
+# --------------------------------------------------------------------------- CAGrad, IMGrad
+
+
+def worst_case_weights(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
+    """``argmin_{w ∈ Δ} wᵀb + r‖Σ wᵢ gᵢ‖`` (the inner problem of CAGrad and IMGrad).
+
+    Solved exactly by :func:`mtlhooks.solvers.penalized_simplex_weights` (closed form per face,
+    KKT to ~1e-10 relative in float64). With ``r = 0`` the problem is linear: the answer is
+    the uniform distribution over the minimisers of ``b`` (ties within rounding).
+    """
+    num_tasks = gramian.shape[0]
+    if radius <= 0:
+        ties = linear <= linear.min() + 4 * num_tasks * torch.finfo(linear.dtype).eps * (
+            linear.abs().max()
+        )
+        return ties.to(linear.dtype) / ties.sum()
+    return penalized_simplex_weights(gramian, linear, radius)
+
+
+def cancellation_level(gramian: Tensor) -> float:
+    """Relative size below which ``‖Σ wᵢgᵢ‖`` computed from G is rounding: ``8T√eps``."""
+    return 8 * gramian.shape[0] * float(torch.finfo(gramian.dtype).eps) ** 0.5
+
+
+def conflict_averse_weights(
+    gramian: Tensor, weights: Tensor, coefficient: float, norm_mean: float
+) -> Tensor:
+    """``(1/T + (c‖g₀‖/‖g_w‖) w) / (1 + c²)``; the second term is dropped when ``g_w = 0``."""
+    num_tasks = gramian.shape[0]
+    norm_w = float((weights @ gramian @ weights).clamp_min(0).sqrt())
+    # ‖g_w‖ below the rounding error of Σ wᵢgᵢ counts as zero
+    scale = float((gramian_scales(gramian) * weights.abs()).sum())
+    base = torch.full_like(weights, 1.0 / num_tasks)
+    if norm_w <= cancellation_level(gramian) * scale or norm_mean == 0:
+        return base / (1 + coefficient**2)
+    return (base + coefficient * norm_mean / norm_w * weights) / (1 + coefficient**2)
+
+
+def mean_gradient(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The Gramian in the working dtype, the mean's weights 1/T and the mean gradient's norm."""
+    matrix = gramian.to(working_dtype(gramian.dtype))
+    uniform = mean(matrix)
+    return matrix, uniform, float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
+
+
+# --------------------------------------------------------------------------- Nash-MTL, FairGrad
+
+
+def fair_weights(
+    gramian: Tensor, power: float, max_iter: int, tol: float | None, name: str
+) -> Tensor:
+    """Solve ``(Gw)ᵢ = wᵢ^{-1/power}``, ``w > 0``, by a damped Newton method in log space.
+
+    The equations are the stationarity conditions of the strictly convex potential
+    ``Φ(w) = ½wᵀGw − Σ φ(wᵢ)`` with ``φ'(w) = w^{-1/power}``. In scaled coordinates
+    ``β = S w`` they read ``(Ĝβ)ᵢ = κᵢ βᵢ^{-p}`` with ``p = 1/power`` and
+    ``κᵢ = sᵢ^{p − 1}`` (``κ = 1`` for Nash-MTL), so the iteration only sees the cosines.
+
+    Iterates stay positive by construction, ``βᵢ = e^{uᵢ}``: the step is Newton's step on Φ
+    expressed in u (``(DHD)Δu = D∇Φ`` with ``D = diag(β)``, which also equilibrates the
+    system), moved along ``β·e^{−tΔu}``, a descent curve for Φ; t is found by Armijo
+    backtracking on Φ, and a step that lowers the largest relative residual is accepted as well
+    (near the solution Φ's decrease drowns in rounding). The start is the solution for
+    orthogonal gradients, ``βᵢ = κᵢ^{1/(1+p)}``, rescaled to the best multiple along that ray.
+    Converged when every relative residual ``|(Ĝβ)ᵢβᵢᵖ/κᵢ − 1|`` is at most ``tol`` or
+    within the rounding error of ``(Ĝβ)ᵢ``.
+    """
+    check_gramian(gramian)
+    if not is_finite(gramian):
+        return nan_weights(gramian)
+    dtype = working_dtype(gramian.dtype)
+    matrix = gramian.to(dtype)
+    scales = gramian_scales(matrix)
+    if not bool((scales > 0).all()):
+        raise SolverError(
+            f"{name}: a task gradient is zero, so (Gw)ᵢ = wᵢ^(-1/α) has no solution; drop the "
+            "task or use a method that tolerates zero gradients (mgda, upgrad)"
+        )
+    if tol is None:
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+    num = matrix.shape[0]
+    eps = float(torch.finfo(dtype).eps)
+    cosine = normalize_gramian(matrix, scales)
+    abs_cosine = cosine.abs()
+    p = 1.0 / power
+    log_kappa = (p - 1.0) * scales.log()
+    shift = float(log_kappa.max())
+    kappa = (log_kappa - shift).exp()  # κ / max κ: a common factor, undone below
+
+    def potential(beta: Tensor, log_beta: Tensor) -> float:
+        if p == 1.0:
+            barrier = (kappa * log_beta).sum()
+        else:
+            barrier = (kappa * beta ** (1 - p)).sum() / (1 - p)
+        return float(0.5 * beta @ cosine @ beta - barrier)
+
+    log_beta = (kappa.log() / (1 + p)).clone()
+    beta = log_beta.exp()
+    curvature = float(beta @ cosine @ beta)
+    if curvature > 0:
+        push = float((kappa * beta ** (1 - p)).sum())
+        log_beta = log_beta + math.log(push / curvature) / (1 + p)
+        beta = log_beta.exp()
+    value = potential(beta, log_beta)
+    converged = False
+    for _ in range(max_iter):
+        product = cosine @ beta
+        target = kappa * beta ** (-p)
+        gradient = product - target
+        residual = gradient / target
+        worst = float(residual.abs().max())
+        # at the rounding floor of (Ĝβ)ᵢ no further progress is possible; a residual that is
+        # still large there means that no solution exists (weights growing without bound)
+        rounding = 8 * num * eps * (abs_cosine @ beta)
+        floor = worst <= tol**0.5 and bool((gradient.abs() <= rounding).all())
+        if worst <= tol or floor:
+            converged = True
+            break
+        # Newton on the convex potential Φ, written in u: (DHD)Δu = D∇Φ
+        system = beta.unsqueeze(1) * cosine * beta + torch.diag(p * target * beta)
+        step, info = torch.linalg.solve_ex(system, beta * gradient)
+        if bool(info != 0) or not bool(torch.isfinite(step).all()):
+            break
+        slope = float((beta * gradient) @ step)  # −dΦ/dt at t = 0
+        size = min(1.0, 10.0 / max(float(step.abs().max()), 1e-300))
+        noise = 64 * eps * (abs(value) + float(beta @ abs_cosine @ beta))
+        for _ in range(60):
+            candidate_log = log_beta - size * step
+            candidate = candidate_log.exp()
+            new_value = potential(candidate, candidate_log)
+            if new_value <= value - 1e-4 * size * slope:
+                break
+            if new_value <= value + noise:
+                # Φ's decrease is below its rounding: judge by the residual instead
+                new_target = kappa * candidate ** (-p)
+                new_worst = float(((cosine @ candidate - new_target) / new_target).abs().max())
+                if new_worst < worst:
+                    break
+            size /= 2
+        log_beta, beta, value = candidate_log, candidate, new_value
+        if not math.isfinite(value) or float(log_beta.abs().max()) > 200:
+            break
+    if not converged:
+        raise SolverError(
+            f"{name}: Newton's method did not reach |wᵢ(Gw)ᵢ·wᵢ^(1/α) − 1| ≤ {tol} in {max_iter} "
+            "iterations (iterates grow without bound); the gradients are probably "
+            "Pareto-stationary (some nonnegative combination of them vanishes), where no "
+            "solution exists"
+        )
+    # undo the normalisation of κ: β solves (Ĝβ) = (κ/m) β^{-p}, so m^{1/(1+p)}β solves the
+    # original equations, with log m = shift
+    weights = (log_beta + shift / (1 + p)).exp() / scales
+    return weights.to(gramian.dtype)
