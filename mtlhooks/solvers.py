@@ -26,8 +26,8 @@ Conventions used throughout:
   batched solve and keeping the best feasible candidate: no iteration and no host
   synchronisation at all. Larger ones use block principal pivoting with one batched linear
   solve per pivot and one host synchronisation (the convergence test) per pivot.
-* float16 / bfloat16 inputs are solved in float32 and cast back (the LAPACK kernels have no
-  half-precision path).
+* Every problem is solved in float64 (:func:`working_dtype`; float32 on MPS) and the result
+  cast back to the input's dtype.
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ __all__ = [
     "default_ridge",
     "dual_cone_qp",
     "gramian_scales",
+    "input_eps",
     "min_norm_weights",
     "normalize_gramian",
     "penalized_simplex_weights",
     "project_onto_simplex",
+    "psd_cosine",
     "psd_pinv_solve",
     "regularized_solve",
     "simplex_qp",
@@ -59,30 +61,39 @@ __all__ = [
 # Backup budget of the block principal pivoting method (Júdice & Pires 1994): how many
 # non-improving full exchanges are tried before falling back to single (Murty) exchanges.
 _BPP_BACKUP = 3
+# Block pivots tried before the problems still open switch to the monotone active-set method.
+_BPP_ATTEMPTS = 6
 # Largest number of face systems (batch × faces) solved at once by enumeration.
 _ENUMERATION_LIMIT = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
 _GATHER_MIN_TASKS = 16
 
 
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype solvers compute in: ``dtype`` itself, or float32 for half precisions."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    if not dtype.is_floating_point:
-        return torch.get_default_dtype()
-    return dtype
+def working_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype solvers compute in: float64 whatever the input (float32 on MPS, which has no
+    float64). The problems are T×T, so the cost is nil, and float32's seven digits are not enough
+    for the active-set decisions and Newton steps of ill-conditioned Gramians (gradient norms
+    spread over many orders of magnitude); results are cast back to the input's dtype."""
+    return torch.float32 if tensor.device.type == "mps" else torch.float64
+
+
+def input_eps(tensor: Tensor) -> float:
+    """Machine epsilon of the input's own dtype: the relative precision of the Gramian itself,
+    which bounds what rank decisions (pseudo-inverses, truncated eigendecompositions) can
+    resolve."""
+    dtype = tensor.dtype if tensor.dtype.is_floating_point else torch.get_default_dtype()
+    return float(torch.finfo(dtype).eps)
 
 
 def default_ridge(dtype: torch.dtype) -> float:
-    """Relative ridge added to the cosine matrix by the QP solvers: ``eps(dtype)^0.625``.
+    """Relative ridge added to the cosine matrix by the QP solvers: ``eps(dtype)^0.625``
+    (``dtype``: the working dtype; about 1.6e-10 in float64).
 
     Large enough to make every principal submatrix of ``Ĝ + εI`` safely positive definite after
-    rounding (``Ĝ`` computed from a float Jacobian can be indefinite at the level
-    ``T·eps``), small enough that the active set it selects is that of the original problem
-    up to ties at the level ``ε``.
+    rounding (an indefiniteness beyond it is removed first, :func:`psd_cosine`), small enough
+    that the active set it selects is that of the original problem up to ties at the level ``ε``.
     """
-    return float(torch.finfo(working_dtype(dtype)).eps) ** 0.625
+    return float(torch.finfo(dtype).eps) ** 0.625
 
 
 def gramian_scales(gramian: Tensor) -> Tensor:
@@ -156,10 +167,29 @@ class _Scaled(NamedTuple):
     ridge: float  # ε
 
 
-def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
+def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """The cosine matrix ``Ĝ = S⁻¹GS⁻¹`` and the safe scales S (zero gradients: scale 1 and a
+    zero row), with ``Ĝ`` shifted by its most negative eigenvalue when rounding has made it
+    indefinite.
+
+    A Gramian computed in float32 (or from a float32 Jacobian) has eigenvalues down to about
+    ``−T·eps32`` relative where the exact one has zeros; treated as the positive semi-definite
+    matrix it stands for, it is exact to its own precision. Costs one Cholesky factorisation
+    (and one ``eigvalsh`` only when the matrix is indefinite).
+    """
     scales = gramian_scales(gramian)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     cosine = gramian / safe.unsqueeze(-1) / safe.unsqueeze(-2)
+    eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
+    _, info = torch.linalg.cholesky_ex(cosine + default_ridge(gramian.dtype) * eye)
+    if bool(info != 0):
+        smallest = torch.linalg.eigvalsh(cosine)[0].clamp_max(0)
+        cosine = cosine - smallest * eye
+    return cosine, safe
+
+
+def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
+    cosine, safe = psd_cosine(gramian)
     eps = default_ridge(gramian.dtype) if ridge is None else ridge
     eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
     tol = 64 * gramian.shape[-1] * float(torch.finfo(gramian.dtype).eps)
@@ -359,7 +389,18 @@ def _solve_lcp(
         free = multipliers < -problem.tol * scale
     else:
         free = torch.ones(batch, num, dtype=torch.bool, device=matrix.device)
-    free, beta = _pivot_until_optimal(problem, free, lower, linear, unit, name)
+    free, beta, solved = _pivot_until_optimal(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
+    if not bool(solved.all()):
+        rest = (~solved).nonzero().squeeze(-1)
+        rest_free, rest_beta = _descend_faces(
+            problem,
+            beta[rest],
+            None if lower is None else lower[rest],
+            None if linear is None else linear[rest],
+            unit,
+            name,
+        )
+        free, beta = free.index_copy(0, rest, rest_free), beta.index_copy(0, rest, rest_beta)
     return _polish(problem, free, beta, lower, linear, unit)
 
 
@@ -445,42 +486,133 @@ def _pivot_until_optimal(
     lower: Tensor | None,
     linear: Tensor | None,
     unit: Tensor | None,
-    name: str,
-) -> tuple[Tensor, Tensor]:
-    """Block principal pivoting from ``free``: the optimal faces and their points.
+    attempts: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Block principal pivoting from ``free`` for at most ``attempts`` pivots.
 
-    Problems that are solved leave the batch, so later pivots only solve the others.
+    Returns the faces and points of every problem (B, T) and a (B,) mask of those solved;
+    the others hold their last face point. Problems that are solved leave the batch, so later
+    pivots only solve the others.
     """
     matrix = problem.regularized
     abs_matrix = matrix.abs()
     batch, num = free.shape
     final_free = free.clone()
     final_beta = torch.empty_like(free, dtype=matrix.dtype)
+    solved = torch.zeros(batch, dtype=torch.bool, device=matrix.device)
     pending = torch.arange(batch, device=matrix.device)
     best_count = torch.full((batch,), num + 1, device=matrix.device)
     backup = torch.full((batch,), _BPP_BACKUP, device=matrix.device)
-    for _ in range(_max_pivots(num)):
+    for _ in range(attempts):
         point = _face_points(matrix, free, lower, linear, unit, definite=True)
         infeasible = _violations(point, free, abs_matrix, lower, linear, unit, problem.tol)
         if unit is not None:
             # a face without a solution (the empty face of the simplex): free everything
             infeasible = infeasible | (~point.valid & ~free)
         open_ = infeasible.any(-1)
+        final_free[pending] = free
+        final_beta[pending] = point.beta
         num_open = int(open_.sum())
         if num_open < open_.shape[0]:
-            done = ~open_
-            final_free[pending[done]] = free[done]
-            final_beta[pending[done]] = point.beta[done]
+            solved[pending[~open_]] = True
             if num_open == 0:
-                return final_free, final_beta
+                break
             pending, free, infeasible = pending[open_], free[open_], infeasible[open_]
             best_count, backup = best_count[open_], backup[open_]
             lower = None if lower is None else lower[open_]
             linear = None if linear is None else linear[open_]
         free, best_count, backup = _pivot(free, infeasible, best_count, backup)
+    return final_free, final_beta, solved
+
+
+def _descend_faces(
+    problem: _Scaled,
+    start: Tensor,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+    name: str,
+) -> tuple[Tensor, Tensor]:
+    """Primal active-set method with block additions (Lawson & Hanson's NNLS method, "Solving
+    Least Squares Problems", 1974, ch. 23, generalised to bounds, a linear term and the simplex
+    equality), for B problems sharing the ridge-regularised Ĝ: the optimal faces and points.
+
+    The iterate β stays feasible. Each iteration solves the current face's equality-constrained
+    problem once (one batched solve for all open problems): when that minimiser is feasible
+    it becomes the iterate and the coordinates whose multipliers are significantly negative are
+    freed (all of them; only the most negative one after an addition that the line search undid
+    entirely, which is Lawson & Hanson's rule and always makes progress); otherwise the iterate
+    moves towards it until a bound is hit and the coordinates that hit one are fixed. The
+    objective decreases strictly at every addition, so no face is visited twice: the method
+    terminates (unlike block principal pivoting, which cycles on rank-deficient Gramians).
+    Starts from ``start`` (B, T), made feasible (clamped to the bounds; on the simplex, also
+    rescaled onto it).
+    """
+    matrix = problem.regularized
+    abs_matrix = matrix.abs()
+    num = matrix.shape[-1]
+    tol = problem.tol
+    device = matrix.device
+    batch = start.shape[0]
+    bound = torch.zeros_like(start) if lower is None else lower
+    beta = torch.maximum(start, bound)
+    if unit is not None:
+        total = (beta * unit).sum(-1, keepdim=True)
+        uniform = (1.0 / (num * unit)).expand_as(beta)  # the weights wᵢ = 1/T
+        beta = torch.where(total > 0, beta / torch.where(total > 0, total, 1.0), uniform)
+    free = beta > bound
+    single = torch.zeros(batch, dtype=torch.bool, device=device)  # next addition: one index
+    before = free.clone()  # the free set before the last addition
+    final_free = free.clone()
+    final_beta = beta.clone()
+    pending = torch.arange(batch, device=device)
+    limit = _max_pivots(num)
+    for _ in range(limit):
+        point = _face_points(matrix, free, lower, linear, unit, definite=True)
+        target = point.beta
+        size = torch.maximum(target.abs(), bound.abs()).amax(-1, keepdim=True)
+        below = free & (target < bound - tol * size)
+        blocked = below.any(-1)
+        # line search from the feasible iterate towards the face minimiser
+        gap = (beta - bound).clamp_min(0)
+        step_to = torch.where(below, gap / torch.where(below, gap + bound - target, 1.0), 2.0)
+        step = step_to.amin(-1, keepdim=True).clamp(0.0, 1.0)
+        hits = below & (step_to <= step * (1 + 4 * tol) + tol)
+        moved = beta + step * (target - beta)
+        moved = torch.where(hits | ~free, bound, torch.maximum(moved, bound))
+        shrunk = free & ~hits
+        # an addition that the line search undid entirely: next time add one index only
+        undone = blocked & ~(shrunk & ~before).any(-1) & (before != free).any(-1)
+        single = single | undone
+        # at a feasible face minimiser: optimal, or free the descent coordinates
+        scale = torch.maximum(target.abs(), bound.abs()) @ abs_matrix
+        if linear is not None:
+            scale = scale + linear.abs()
+        if unit is not None:
+            scale = scale + point.mu.abs() * unit
+        descent = ~free & (point.multipliers < -tol * scale)
+        descent = descent & (point.valid | free.any(-1, keepdim=True))
+        most = torch.where(descent, point.multipliers / scale.clamp_min(1e-300), math.inf)
+        strongest = torch.zeros_like(descent).scatter(-1, most.argmin(-1, keepdim=True), True)
+        add = torch.where(single.unsqueeze(-1), descent & strongest, descent)
+        done = ~blocked & ~descent.any(-1)
+        beta = torch.where(blocked.unsqueeze(-1), moved, target)
+        before = torch.where(blocked.unsqueeze(-1), before, free)
+        free = torch.where(blocked.unsqueeze(-1), shrunk, free | add)
+        single = torch.where(blocked, single, torch.zeros_like(single))
+        if bool(done.any()):
+            final_free[pending[done]] = free[done]
+            final_beta[pending[done]] = beta[done]
+            keep = ~done
+            if not bool(keep.any()):
+                return final_free, final_beta
+            pending, beta, free, bound = pending[keep], beta[keep], free[keep], bound[keep]
+            before, single = before[keep], single[keep]
+            lower = None if lower is None else lower[keep]
+            linear = None if linear is None else linear[keep]
     raise SolverError(
-        f"{name}: active-set method did not terminate after {_max_pivots(num)} pivots; the "
-        "Gramian is probably not positive semi-definite or not finite"
+        f"{name}: active-set method did not terminate after {limit} steps; the Gramian is "
+        "probably not positive semi-definite or not finite"
     )
 
 
@@ -528,7 +660,7 @@ def simplex_qp(
     support. Scaled zero gradients count as unit vectors of norm 1.
     """
     squeeze = linear is None or linear.dim() == 1
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
     problem = _scaled_problem(matrix, ridge)
@@ -580,7 +712,7 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     pivot, on the gathered free sets when T ≥ 16).
     """
     squeeze = lower.dim() == 1
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
     problem = _scaled_problem(matrix, ridge)
@@ -616,7 +748,7 @@ def penalized_simplex_weights(
     the cosine matrix, i.e. exact for ``G + ε·diag(G)``: the KKT conditions of the original
     problem hold to ``~ε`` relative (~1e-10 in float64).
     """
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num = matrix.shape[-1]
     if num == 1:
@@ -693,53 +825,48 @@ def _penalized_by_enumeration(
 
 
 def _penalized_by_homotopy(problem: _Scaled, unit: Tensor, linear: Tensor, radius: float) -> Tensor:
+    """Follow ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` to the root of ``‖g_{w(t)}‖ = r·t``.
+
+    Each QP(t) is solved by :func:`_solve_lcp` (exact, and robust on rank-deficient Gramians);
+    t moves to the root of the closed form on QP(t)'s optimal face when that lies in the
+    current bracket, and to the bracket's midpoint otherwise. At the root, QP(t)'s KKT
+    conditions are the problem's, so the bisection alone converges; the closed form only makes
+    it exact in a step or two. A root at t = 0 (the gradients are Pareto-stationary, so MGDA's
+    point has norm 0) returns the limit t → 0⁺, see :func:`penalized_simplex_weights`.
+    """
     matrix = problem.regularized
     abs_matrix = matrix.abs()
     num = matrix.shape[-1]
     tol = problem.tol
-    free = torch.ones(1, num, dtype=torch.bool, device=matrix.device)
     # ‖g_w‖ ≤ max ‖gᵢ‖, so ‖g_{w(t)}‖ − rt < 0 beyond `high`
     low, high = 0.0, 1.01 * float(problem.scales.max()) / radius
-    t: float | None = None
-    best_count = torch.full((1,), num + 1, device=matrix.device)
-    backup = torch.full((1,), _BPP_BACKUP, device=matrix.device)
-    limit = 4 * _max_pivots(num)
-    for _ in range(limit):
-        beta, nu, root, valid, both = _penalized_face_candidates(matrix, free, unit, linear, radius)
+    everything = torch.ones(1, num, dtype=torch.bool, device=matrix.device)
+    _, _, root, valid, _ = _penalized_face_candidates(matrix, everything, unit, linear, radius)
+    guess = 1.0 / float(root) if bool(valid.all()) else math.nan
+    t = guess if low < guess < high else high / 2
+    best: Tensor | None = None
+    for _ in range(200):
+        qp = _solve_lcp(problem, None, t * linear.unsqueeze(0), unit, 1, "penalised simplex")
+        support = qp > tol * qp.abs().amax(-1, keepdim=True)
+        beta, nu, root, valid, _ = _penalized_face_candidates(matrix, support, unit, linear, radius)
         if bool(valid.all()):
             # CAGrad's KKT: c + √D·Ĝβ − νa ≥ 0 off F (√D = r/‖g_w‖)
             candidate = _FacePoint(beta, nu, linear + root * (beta @ matrix) - nu * unit, valid)
-            bad = _violations(candidate, free, abs_matrix * root, None, linear, unit, tol)
+            bad = _violations(candidate, support, abs_matrix * root, None, linear, unit, tol)
             if not bool(bad.any()):
                 return beta[0]
-        p, q = both.unbind(-1)
-        a_p = float((unit * p).sum())
-        a_q = float((unit * q).sum())
-        if t is None:
-            guess = 1.0 / float(root) if bool(valid.all()) else high / 2
-            t = guess if 0 < guess < high else high / 2
-        mu = (1 + t * a_q) / a_p
-        qp_beta = mu * p - t * q
-        multipliers = qp_beta @ matrix + t * linear - mu * unit
-        point = _FacePoint(qp_beta, torch.full_like(p[:, :1], mu), multipliers, valid)
-        infeasible = _violations(point, free, abs_matrix, None, t * linear, unit, tol)
-        if bool(infeasible.any()):
-            free, best_count, backup = _pivot(free, infeasible, best_count, backup)
-            continue
-        # the face is optimal for QP(t): tighten the bracket and move t
-        norm = float(((point.beta @ matrix) * point.beta).sum().clamp_min(0).sqrt())
+        norm = float(((qp @ matrix) * qp).sum().clamp_min(0).sqrt())
         if norm > radius * t:
             low = t
         else:
             high = t
+        best = qp[0]
         guess = 1.0 / float(root) if bool(valid.all()) else math.nan
         t = guess if low < guess < high else 0.5 * (low + high)
-        best_count.fill_(num + 1)
-        backup.fill_(_BPP_BACKUP)
-    raise SolverError(
-        f"norm-penalised simplex problem: no KKT point found after {limit} steps; the Gramian "
-        "is probably not positive semi-definite or not finite"
-    )
+        if high - low <= tol * high:
+            break
+    assert best is not None
+    return best
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -764,7 +891,7 @@ def psd_pinv_solve(matrix: Tensor, rhs: Tensor, *, rtol: float | None = None) ->
     Eigenvalues at or below ``rtol · λ_max`` are treated as zero (default rtol
     ``T · eps(dtype)``, the numpy/LAPACK rank convention).
     """
-    dtype = working_dtype(matrix.dtype)
+    dtype = working_dtype(matrix)
     values, vectors = torch.linalg.eigh(matrix.to(dtype))
     num = matrix.shape[-1]
     threshold = (num * torch.finfo(dtype).eps if rtol is None else rtol) * values.amax(
@@ -817,7 +944,7 @@ def conflict_averse_weights(
 
 def mean_gradient(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
     """The Gramian in the working dtype, the mean's weights 1/T and the mean gradient's norm."""
-    matrix = gramian.to(working_dtype(gramian.dtype))
+    matrix = gramian.to(working_dtype(gramian))
     uniform = mean(matrix)
     return matrix, uniform, float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
 
@@ -847,7 +974,7 @@ def fair_weights(
     check_gramian(gramian)
     if not is_finite(gramian):
         return nan_weights(gramian)
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     scales = gramian_scales(matrix)
     if not bool((scales > 0).all()):

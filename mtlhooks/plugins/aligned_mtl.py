@@ -7,7 +7,7 @@ from torch import Tensor
 
 from mtlhooks.method import MethodSpec, check_gramian, is_finite, nan_weights
 from mtlhooks.plugin import Family, Need, Plugin, Space, hookimpl
-from mtlhooks.solvers import working_dtype
+from mtlhooks.solvers import input_eps, working_dtype
 from mtlhooks.step import Step
 
 
@@ -22,9 +22,9 @@ def aligned_mtl(gramian: Tensor) -> Tensor:
     check_gramian(gramian)
     if not is_finite(gramian):
         return nan_weights(gramian)
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     values, vectors = torch.linalg.eigh(gramian.to(dtype))
-    threshold = gramian.shape[0] * torch.finfo(dtype).eps * values.max().clamp_min(0)
+    threshold = gramian.shape[0] * input_eps(gramian) * values.max().clamp_min(0)
     keep = values > threshold
     safe = torch.where(keep, values, torch.ones_like(values))
     smallest = torch.where(keep, values, torch.full_like(values, float("inf"))).min()

@@ -38,7 +38,7 @@ def gradvac(
     num_tasks = gramian.shape[0]
     if targets.shape != gramian.shape:
         raise InputError(f"gradvac: targets must have shape {tuple(gramian.shape)}")
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     device = matrix.device
     ema = targets.to(dtype)

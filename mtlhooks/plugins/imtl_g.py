@@ -28,7 +28,7 @@ def imtl_g(gramian: Tensor, *, eps: float = 1e-8) -> Tensor:
     check_gramian(gramian)
     if not is_finite(gramian):
         return nan_weights(gramian)
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     scales = gramian_scales(matrix)
     nonzero = scales > 0

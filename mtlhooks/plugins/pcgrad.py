@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlhooks.errors import InputError
 from mtlhooks.method import MethodSpec, Property, check_gramian, uniform_draws
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Space, hookimpl
-from mtlhooks.solvers import working_dtype
+from mtlhooks.solvers import input_eps, working_dtype
 from mtlhooks.step import Step
 
 
@@ -26,14 +26,14 @@ def pcgrad_from_orders(
     check_gramian(gramian)
     if reduction not in ("sum", "mean"):
         raise InputError(f"pcgrad: reduction must be 'sum' or 'mean', got {reduction!r}")
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[0]
     device = matrix.device
     tasks = torch.arange(num_tasks, device=device)
     diag = matrix.diagonal()
     scales = diag.clamp_min(0).sqrt()
-    rounding = 4 * num_tasks * torch.finfo(dtype).eps
+    rounding = 4 * num_tasks * input_eps(gramian)
     # everything a round needs, gathered once: round k pairs task i with partner rounds[k, i]
     rounds = orders.T.to(device)
     partner_rows = matrix[rounds].unbind(0)  # rows[k][i] = G[rounds[k, i]]
