@@ -33,6 +33,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,8 @@ __all__ = [
     "cosine_from_gramian",
     "default_ridge",
     "dual_cone_qp",
+    "fair_weights",
+    "fair_weights_or_fallback",
     "gramian_scales",
     "input_eps",
     "min_norm_weights",
@@ -63,6 +66,10 @@ __all__ = [
 _BPP_BACKUP = 3
 # Block pivots tried before the problems still open switch to the monotone active-set method.
 _BPP_ATTEMPTS = 6
+# Relative accuracy to which Nash-MTL's and FairGrad's equations must provably hold (their
+# residual plus the rounding error of (Gw)ᵢ) for weights to be returned when rounding keeps
+# Newton's method from reaching the requested tolerance.
+_VERIFIED = 1e-4
 # Largest number of face systems (batch × faces) solved at once by enumeration.
 _ENUMERATION_LIMIT = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
@@ -167,9 +174,9 @@ class _Scaled(NamedTuple):
     ridge: float  # ε
 
 
-def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor]:
-    """The cosine matrix ``Ĝ = S⁻¹GS⁻¹`` and the safe scales S (zero gradients: scale 1 and a
-    zero row), with ``Ĝ`` shifted by its most negative eigenvalue when rounding has made it
+def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The cosine matrix ``Ĝ = S⁻¹GS⁻¹``, the safe scales S (zero gradients: scale 1 and a
+    zero row) and the shift σ ≥ 0: ``Ĝ`` is shifted by ``σ = −λ_min`` when rounding has made it
     indefinite.
 
     A Gramian computed in float32 (or from a float32 Jacobian) has eigenvalues down to about
@@ -182,14 +189,14 @@ def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor]:
     cosine = gramian / safe.unsqueeze(-1) / safe.unsqueeze(-2)
     eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
     _, info = torch.linalg.cholesky_ex(cosine + default_ridge(gramian.dtype) * eye)
-    if bool(info != 0):
-        smallest = torch.linalg.eigvalsh(cosine)[0].clamp_max(0)
-        cosine = cosine - smallest * eye
-    return cosine, safe
+    if bool(info == 0):
+        return cosine, safe, 0.0
+    shift = -min(float(torch.linalg.eigvalsh(cosine)[0]), 0.0)
+    return cosine + shift * eye, safe, shift
 
 
 def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
-    cosine, safe = psd_cosine(gramian)
+    cosine, safe, _ = psd_cosine(gramian)
     eps = default_ridge(gramian.dtype) if ridge is None else ridge
     eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
     tol = 64 * gramian.shape[-1] * float(torch.finfo(gramian.dtype).eps)
@@ -968,8 +975,12 @@ def fair_weights(
     backtracking on Φ, and a step that lowers the largest relative residual is accepted as well
     (near the solution Φ's decrease drowns in rounding). The start is the solution for
     orthogonal gradients, ``βᵢ = κᵢ^{1/(1+p)}``, rescaled to the best multiple along that ray.
-    Converged when every relative residual ``|(Ĝβ)ᵢβᵢᵖ/κᵢ − 1|`` is at most ``tol`` or
-    within the rounding error of ``(Ĝβ)ᵢ``.
+    Stops when every relative residual ``|(Ĝβ)ᵢβᵢᵖ/κᵢ − 1|`` is at most ``tol`` or at the
+    rounding floor of ``(Ĝβ)ᵢ``; the weights are returned only when the residual plus the
+    rounding error of ``(Ĝβ)ᵢ`` (relative) is within ``max(tol, 1e-4)``, i.e. when they
+    provably solve the equations (near Pareto-stationarity ``(Ĝβ)ᵢ`` is a cancellation, and a
+    small computed residual proves nothing). Otherwise :class:`SolverError`, as when no
+    solution exists at all.
     """
     check_gramian(gramian)
     if not is_finite(gramian):
@@ -986,7 +997,9 @@ def fair_weights(
         tol = 1e-9 if dtype == torch.float64 else 1e-4
     num = matrix.shape[0]
     eps = float(torch.finfo(dtype).eps)
-    cosine = normalize_gramian(matrix, scales)
+    verified = max(_VERIFIED, eps**0.5)
+    output_eps = input_eps(gramian)
+    cosine, _, shift_psd = psd_cosine(matrix)
     abs_cosine = cosine.abs()
     p = 1.0 / power
     log_kappa = (p - 1.0) * scales.log()
@@ -1015,12 +1028,18 @@ def fair_weights(
         gradient = product - target
         residual = gradient / target
         worst = float(residual.abs().max())
-        # at the rounding floor of (Ĝβ)ᵢ no further progress is possible; a residual that is
-        # still large there means that no solution exists (weights growing without bound)
-        rounding = 8 * num * eps * (abs_cosine @ beta)
-        floor = worst <= tol**0.5 and bool((gradient.abs() <= rounding).all())
+        # (Ĝβ)ᵢ is only known to its rounding error (at most T·eps·(|Ĝ|β)ᵢ, relative ρᵢ): stop
+        # at tol or at that floor, and accept when the residual plus ρ is within
+        # max(tol, `verified`) (near Pareto-stationarity (Ĝβ)ᵢ is a cancellation: ρ is large
+        # and a small computed residual proves nothing)
+        rounding = num * eps * (abs_cosine @ beta)
+        floor = bool((gradient.abs() <= 8 * rounding).all())
         if worst <= tol or floor:
-            converged = True
+            # what (Gw)ᵢ can be trusted to: rounding here, the indefiniteness removed from Ĝ
+            # and the rounding of the weights to the output's dtype
+            doubt = rounding + shift_psd * beta + output_eps * (abs_cosine @ beta)
+            bound = worst + float((doubt / product.abs().clamp_min(1e-300)).max())
+            converged = bound <= max(tol, verified)
             break
         # Newton on the convex potential Φ, written in u: (DHD)Δu = D∇Φ
         system = beta.unsqueeze(1) * cosine * beta + torch.diag(p * target * beta)
@@ -1048,12 +1067,56 @@ def fair_weights(
             break
     if not converged:
         raise SolverError(
-            f"{name}: Newton's method did not reach |wᵢ(Gw)ᵢ·wᵢ^(1/α) − 1| ≤ {tol} in {max_iter} "
-            "iterations (iterates grow without bound); the gradients are probably "
-            "Pareto-stationary (some nonnegative combination of them vanishes), where no "
-            "solution exists"
+            f"{name}: no weights verified to solve (Gw)ᵢ = wᵢ^(-1/α) within tol = {tol} in "
+            f"{max_iter} Newton iterations: the gradients are Pareto-stationary (some "
+            "nonnegative combination of them vanishes), or so nearly that (Gw)ᵢ is lost in "
+            "rounding, and no solution exists to working precision"
         )
     # undo the normalisation of κ: β solves (Ĝβ) = (κ/m) β^{-p}, so m^{1/(1+p)}β solves the
     # original equations, with log m = shift
-    weights = (log_beta + shift / (1 + p)).exp() / scales
-    return weights.to(gramian.dtype)
+    weights = ((log_beta + shift / (1 + p)).exp() / scales).to(gramian.dtype)
+    if not bool(((weights > 0) & (weights < math.inf)).all()):
+        raise SolverError(
+            f"{name}: the weights leave the range of {gramian.dtype} (gradient norms spread "
+            "too widely for it); pass the Gramian in float64"
+        )
+    return weights
+
+
+def fair_weights_or_fallback(
+    gramian: Tensor,
+    power: float,
+    max_iter: int,
+    tol: float | None,
+    name: str,
+    tasks: Sequence[str] | None = None,
+) -> tuple[Tensor, str | None]:
+    """:func:`fair_weights`, or where they do not exist (or cannot be verified) a defined
+    update, with a remark saying which: ``(weights, remark)``, remark ``None`` when solved.
+
+    - Tasks whose gradient is zero have no progress to bargain for: weight 0, and the
+      equations are solved for the others.
+    - Otherwise (the gradients are Pareto-stationary: a nonnegative combination of them
+      vanishes, or nearly, up to rounding) MGDA's min-norm weights: a convex combination whose
+      update on the shared parameters is (close to) zero, the limit the bargaining solution
+      diverges towards; the task-specific parameters still get those weights.
+    """
+    try:
+        return fair_weights(gramian, power, max_iter, tol, name), None
+    except SolverError as error:
+        failure = str(error).removeprefix(f"{name}: ")
+    names = list(tasks) if tasks is not None else [str(i) for i in range(gramian.shape[0])]
+    zero = gramian_scales(gramian.to(working_dtype(gramian))) == 0
+    if bool(zero.any()) and not bool(zero.all()):
+        keep = (~zero).nonzero().squeeze(-1)
+        partial, remark = fair_weights_or_fallback(
+            gramian[keep][:, keep], power, max_iter, tol, name, [names[i] for i in keep]
+        )
+        weights = torch.zeros_like(gramian[0]).index_copy(0, keep, partial)
+        dropped = [names[i] for i in zero.nonzero().squeeze(-1).tolist()]
+        note = f"{name}: zero gradient for task(s) {dropped}: weight 0"
+        return weights, note if remark is None else f"{note}; {remark}"
+    return min_norm_weights(gramian), (
+        f"{name}: {failure}; used MGDA's min-norm weights (the update on the shared parameters "
+        "is ~0 where the gradients are Pareto-stationary)"
+    )

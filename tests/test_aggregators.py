@@ -270,14 +270,82 @@ def test_fairgrad_solves_its_fairness_equations(problem):
     assert_grads_close(problem.grads(), reference_grads(problem, weights))
 
 
-def test_nash_mtl_failure_is_reported_and_nothing_is_written(problem):
-    """A task without gradient has no bargaining solution: an error, never substitute weights."""
-    mtl = build(problem, "nash_mtl")
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_bargaining_failure_raises_on_request_and_nothing_is_written(problem, name):
+    """at_stationary: raise — a task without gradient has no solution: an error, no weights."""
+    mtl = build(problem, {"name": name, "at_stationary": "raise"})
     _, losses = problem.losses()
     losses["b"] = losses["b"] * 0.0
-    with pytest.raises(SolverError, match="nash_mtl"):
+    with pytest.raises(SolverError, match=name):
         mtl.backward(losses)
     assert all(p.grad is None for p in problem.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_a_zero_gradient_task_gets_weight_zero_and_the_others_bargain(problem, name):
+    jac = jacobian(problem, Space.PARAMS)
+    mtl = build(problem, name, Space.PARAMS)
+    _, losses = problem.losses()
+    losses["b"] = losses["b"] * 0.0
+    report = mtl.backward(losses)
+    kept = torch.tensor([0, 2])
+    expected = functional.nash_mtl((jac @ jac.T)[kept][:, kept])
+    torch.testing.assert_close(report.weights[kept], expected, rtol=1e-7, atol=0)
+    assert report.weights[1] == 0
+    assert report.notes == (f"{name}: zero gradient for task(s) ['b']: weight 0",)
+    assert_grads_close(problem.grads(), reference_grads(problem, report.weights))
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_pareto_stationary_gradients_get_mgda_weights_and_a_note(problem, name):
+    """Training that converged does not crash: opposite losses have opposite gradients (a
+    vanishing positive combination), so no bargaining solution exists; MGDA's weights make the
+    shared update zero, and the report says so."""
+
+    def opposite(model):
+        z, losses = problem.losses(model)
+        return z, {"a": losses["a"], "b": -losses["a"], "c": losses["c"] * 0.0 - losses["a"]}
+
+    mtl = build(problem, name, Space.PARAMS)
+    _, losses = opposite(problem.model)
+    report = mtl.backward(losses)
+    jac = jacobian(problem, Space.PARAMS, opposite)
+    expected = functional.mgda(jac @ jac.T)
+    torch.testing.assert_close(report.weights, expected, rtol=0, atol=0)
+    assert (report.weights @ jac).norm() <= 1e-9 * jac.norm()
+    (note,) = report.notes
+    assert note.startswith(f"{name}: no weights verified") and "MGDA's min-norm weights" in note
+    assert_grads_close(problem.grads(), reference_grads(problem, report.weights, opposite))
+
+
+def test_functional_bargaining_raises_by_default_and_falls_back_on_request():
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    for function in (functional.nash_mtl, functional.fairgrad):
+        with pytest.raises(SolverError, match="Pareto-stationary"):
+            function(opposite)
+        weights = function(opposite, at_stationary="mgda")
+        torch.testing.assert_close(weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_nash_mtl_update_weights_every_reuses_the_last_solution(make_problem, every):
+    problem = make_problem()
+    mtl = build(problem, {"name": "nash_mtl", "update_weights_every": every}, Space.PARAMS)
+    solved = None
+    for index in range(4):
+        problem.zero_grad()
+        with torch.no_grad():
+            for parameter in problem.model.parameters():
+                parameter.mul_(0.9)  # a new Gramian at every step
+        jac = jacobian(problem, Space.PARAMS)
+        report = mtl.backward(problem.losses()[1])
+        if index % every == 0:
+            solved = functional.nash_mtl(jac @ jac.T)
+        assert solved is not None
+        torch.testing.assert_close(report.weights, solved, rtol=1e-9, atol=0)
+    state = mtl.state_dict()["plugins"]
+    (saved,) = state.values()
+    assert saved["count"] == 4
 
 
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
