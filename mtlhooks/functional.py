@@ -20,7 +20,7 @@ A non-finite Gramian yields non-finite weights (so a GradScaler skips the step),
 from __future__ import annotations
 
 from mtlhooks import registry
-from mtlhooks.method import TRIVIAL_METHODS, MethodSpec, Property, mean, sum
+from mtlhooks.method import TRIVIAL_METHODS, MethodSpec, Property, Variant, mean, sum
 from mtlhooks.plugins.aligned_mtl import aligned_mtl
 from mtlhooks.plugins.cagrad import cagrad
 from mtlhooks.plugins.config import config
@@ -39,6 +39,7 @@ __all__ = [
     "METHODS",
     "MethodSpec",
     "Property",
+    "Variant",
     "aligned_mtl",
     "cagrad",
     "config",
@@ -87,7 +88,11 @@ def property_table_markdown() -> str:
     header = ["method", "paper", "input", *(name for name, _ in columns), "random", "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, spec in METHODS.items():
-        marks = ["✔" if prop in spec.properties else "✘" for _, prop in columns]
+        marks = []
+        for _, prop in columns:
+            mark = "✔" if prop in spec.properties else "✘"
+            extra = [v.label for v in spec.variants if prop in v.properties - spec.properties]
+            marks.append(f"{mark} (✔ for {', '.join(extra)})" if extra else mark)
         notes = []
         if spec.scale_exponent is not None:
             notes.append(f"weights(cG) = c^{spec.scale_exponent:g}·weights(G)")

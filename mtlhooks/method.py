@@ -37,6 +37,7 @@ from mtlhooks.errors import InputError
 __all__ = [
     "MethodSpec",
     "Property",
+    "Variant",
     "check_gramian",
     "is_finite",
     "mean",
@@ -60,6 +61,20 @@ class Property(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Variant:
+    """Properties a method has with other options than its defaults (e.g. CAGrad with c ≥ 1).
+
+    :param label: the condition, as the documentation table shows it (``"c ≥ 1"``).
+    :param options: keyword arguments of the function; the property tests check every one.
+    :param properties: what the method claims under these options.
+    """
+
+    label: str
+    options: tuple[Mapping[str, object], ...]
+    properties: frozenset[Property]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """Declaration of one aggregation method.
 
@@ -78,6 +93,7 @@ class MethodSpec:
     :param min_tasks: the fewest tasks the method is defined for (Krum needs a majority).
     :param options: keyword arguments the property tests call ``function`` with (the plugin's
         defaults when the function's own defaults differ, or options a method needs).
+    :param variants: properties under other options (:class:`Variant`), tested as well.
     :param notes: qualifications that a table reader needs.
     """
 
@@ -92,6 +108,7 @@ class MethodSpec:
     initial_state: Callable[[Tensor], object] | None = None
     min_tasks: int = 1
     options: Mapping[str, object] = field(default_factory=dict)
+    variants: tuple[Variant, ...] = ()
     notes: str = ""
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "cosine_from_gramian",
     "default_ridge",
     "dual_cone_qp",
+    "equal_projection_weights",
     "fair_weights",
     "fair_weights_or_fallback",
     "gramian_scales",
@@ -56,6 +57,7 @@ __all__ = [
     "project_onto_simplex",
     "psd_cosine",
     "psd_pinv_solve",
+    "rank_rtol",
     "regularized_solve",
     "simplex_qp",
     "working_dtype",
@@ -371,6 +373,7 @@ def _solve_lcp(
     unit: Tensor | None,
     batch: int,
     name: str,
+    start: Tensor | None = None,
 ) -> Tensor:
     """``min ½βᵀĜβ + cᵀβ`` s.t. ``β ≥ l`` (and ``aᵀβ = 1``), for B problems sharing Ĝ.
 
@@ -386,11 +389,13 @@ def _solve_lcp(
     num_faces = 2**num - (0 if unit is None else 1)
     if linear is None and batch * num_faces <= _ENUMERATION_LIMIT:
         return _enumerate_faces(problem, lower, unit)
-    if unit is None:
+    if start is not None:
+        free = start  # a warm start: the free set of a nearby problem
+    elif unit is None:
         # start from every bound active: β = l, multipliers Ĝl + c
-        start = lower if lower is not None else torch.zeros(batch, num).to(matrix)
-        multipliers = start @ matrix
-        scale = start.abs() @ matrix.abs()
+        bound = lower if lower is not None else torch.zeros(batch, num).to(matrix)
+        multipliers = bound @ matrix
+        scale = bound.abs() @ matrix.abs()
         if linear is not None:
             multipliers, scale = multipliers + linear, scale + linear.abs()
         free = multipliers < -problem.tol * scale
@@ -744,7 +749,7 @@ def penalized_simplex_weights(
     with ``p = G_FF⁻¹1``, ``q = G_FF⁻¹c``, ``A = 1ᵀp``, ``B = 1ᵀq``, ``C = cᵀq`` and
     ``D = B² − A(C − r²)``, the conditions ``c + (r/‖g_w‖)Gw = ν1``, ``1ᵀw = 1`` give
     ``ν = (B + √D)/A`` and ``w_F = (νp − q)/√D`` (no stationary point when ``D ≤ 0``). For
-    T ≤ 6 every face is tried at once and the best feasible candidate kept. Above, the
+    T ≤ 8 every face is tried at once and the best feasible candidate kept. Above, the
     optimal face is found by following the QPs ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` (whose
     KKT conditions match the problem's for ``t = ‖g_w‖/r``; ``‖g_{w(t)}‖ − rt`` is strictly
     decreasing, so the root is unique): each QP is solved by block principal pivoting warm
@@ -779,7 +784,7 @@ def penalized_simplex_weights(
     problem = _scaled_problem(matrix, ridge)
     unit = problem.scales.reciprocal()
     scaled_linear = linear.to(dtype) * unit
-    if 2**num - 1 <= _ENUMERATION_LIMIT // 2:
+    if 2**num - 1 <= 2 * _ENUMERATION_LIMIT:
         beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
     else:
         beta = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
@@ -852,8 +857,10 @@ def _penalized_by_homotopy(problem: _Scaled, unit: Tensor, linear: Tensor, radiu
     guess = 1.0 / float(root) if bool(valid.all()) else math.nan
     t = guess if low < guess < high else high / 2
     best: Tensor | None = None
+    support: Tensor | None = None
     for _ in range(200):
-        qp = _solve_lcp(problem, None, t * linear.unsqueeze(0), unit, 1, "penalised simplex")
+        scaled = t * linear.unsqueeze(0)
+        qp = _solve_lcp(problem, None, scaled, unit, 1, "penalised simplex", start=support)
         support = qp > tol * qp.abs().amax(-1, keepdim=True)
         beta, nu, root, valid, _ = _penalized_face_candidates(matrix, support, unit, linear, radius)
         if bool(valid.all()):
@@ -892,23 +899,61 @@ def regularized_solve(matrix: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     return torch.linalg.solve(matrix + ridge * level * eye, rhs)
 
 
+def rank_rtol(num_tasks: int, eps: float) -> float:
+    """Relative eigenvalue below which a T×T Gramian counts as singular: ``64·T·eps``.
+
+    The eigenvalues of a Gramian are the squared singular values of its gradients; rounding
+    the Gramian (relative ``eps``) moves them by about ``T·eps·λ_max``, so a rank decision at
+    that level flips with the last bits of G (a common scale of G changes them): the margin 64
+    makes it scale-invariant in practice. Directions whose singular values are below
+    ``√(64·T·eps) ≈ 2e-6`` (float64, T = 4) of the largest cannot be resolved from G.
+    """
+    return 64 * num_tasks * eps
+
+
 def psd_pinv_solve(matrix: Tensor, rhs: Tensor, *, rtol: float | None = None) -> Tensor:
     """Minimum-norm least-squares solution ``A⁺ b`` of a symmetric PSD system, via ``eigh``.
 
-    Eigenvalues at or below ``rtol · λ_max`` are treated as zero (default rtol
-    ``T · eps(dtype)``, the numpy/LAPACK rank convention).
+    Eigenvalues at or below ``rtol · λ_max`` are treated as zero (default
+    :func:`rank_rtol` at the input's precision), and so are the components of ``b`` along an
+    eigenvector that are within the rounding error of ``Vᵀb`` (``T·eps·‖b‖``): ``b`` is then
+    orthogonal to it, and dividing noise by its eigenvalue would make the answer depend on the
+    last bits of the matrix.
     """
     dtype = working_dtype(matrix)
     values, vectors = torch.linalg.eigh(matrix.to(dtype))
     num = matrix.shape[-1]
-    threshold = (num * torch.finfo(dtype).eps if rtol is None else rtol) * values.amax(
-        -1, keepdim=True
-    ).clamp_min(0)
+    relative = rank_rtol(num, input_eps(matrix)) if rtol is None else rtol
+    threshold = relative * values.amax(-1, keepdim=True).clamp_min(0)
     keep = values > threshold
     inverse = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), 0.0)
-    coefficients = (vectors.transpose(-2, -1) @ rhs.to(dtype).unsqueeze(-1)).squeeze(-1)
+    right = rhs.to(dtype)
+    coefficients = (vectors.transpose(-2, -1) @ right.unsqueeze(-1)).squeeze(-1)
+    # components of b within the rounding of Vᵀb are noise: b ⊥ that eigenvector
+    noise = num * input_eps(matrix) * right.norm(dim=-1, keepdim=True)
+    coefficients = torch.where(coefficients.abs() > noise, coefficients, 0.0)
     result = (vectors @ (inverse * coefficients).unsqueeze(-1)).squeeze(-1)
     return result.to(matrix.dtype)
+
+
+def equal_projection_weights(gramian: Tensor) -> Tensor:
+    """``z/s`` with ``z = Ĝ⁺1`` on the non-zero gradients (0 on zero ones), in the working dtype.
+
+    ``Σ zᵢuᵢ`` (``uᵢ = gᵢ/‖gᵢ‖``) is the combination of the unit gradients whose projection
+    on every ``uᵢ`` is 1 — exactly when they are linearly independent, in the least-squares
+    sense otherwise — so ``d = Σ (zᵢ/sᵢ) gᵢ`` has equal projections on all unit gradients:
+    ConFIG's direction and IMTL-G's weights before their normalisations. The pseudo-inverse
+    decides the rank at :func:`rank_rtol` of the input's precision, so that the result does not
+    depend on a common scale of G (Liu et al. 2021 assume independent gradients; TorchJD's
+    generalisation, arXiv 2406.16232, uses the pseudo-inverse as well).
+    """
+    matrix = gramian.to(working_dtype(gramian))
+    scales = gramian_scales(matrix)
+    nonzero = scales > 0
+    cosine = normalize_gramian(matrix, scales)
+    rtol = rank_rtol(matrix.shape[-1], input_eps(gramian))
+    coefficients = psd_pinv_solve(cosine, nonzero.to(matrix.dtype), rtol=rtol)
+    return torch.where(nonzero, coefficients / torch.where(nonzero, scales, 1.0), 0.0)
 
 
 # --------------------------------------------------------------------------- CAGrad, IMGrad
@@ -938,14 +983,23 @@ def cancellation_level(gramian: Tensor) -> float:
 def conflict_averse_weights(
     gramian: Tensor, weights: Tensor, coefficient: float, norm_mean: float
 ) -> Tensor:
-    """``(1/T + (c‖g₀‖/‖g_w‖) w) / (1 + c²)``; the second term is dropped when ``g_w = 0``."""
+    """CAGrad's update ``(g₀ + (c‖g₀‖/‖g_w‖) g_w) / (1 + c²)`` as weights on the gradients.
+
+    Where ``g_w`` vanishes (to the rounding of ``Σ wᵢgᵢ``: the gradients are Pareto-stationary,
+    or a task's gradient is zero) that formula is undefined, and the inner problem only
+    locates ``w`` to ~√eps, so ``g_w``'s direction is noise. The problem's optimal value is then
+    0 and its optimal updates are the non-conflicting points of the ball: the one closest to
+    ``g₀`` is taken, the projection of ``g₀`` onto the dual cone (DualProj's update, inside the
+    ball by duality), scaled by ``1/(1 + c²)`` like the regular update.
+    """
     num_tasks = gramian.shape[0]
     norm_w = float((weights @ gramian @ weights).clamp_min(0).sqrt())
-    # ‖g_w‖ below the rounding error of Σ wᵢgᵢ counts as zero
     scale = float((gramian_scales(gramian) * weights.abs()).sum())
     base = torch.full_like(weights, 1.0 / num_tasks)
-    if norm_w <= cancellation_level(gramian) * scale or norm_mean == 0:
+    if norm_mean == 0:
         return base / (1 + coefficient**2)
+    if norm_w <= cancellation_level(gramian) * scale:
+        return dual_cone_qp(gramian, base) / (1 + coefficient**2)
     return (base + coefficient * norm_mean / norm_w * weights) / (1 + coefficient**2)
 
 

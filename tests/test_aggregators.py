@@ -34,7 +34,7 @@ def fresh_generator(seed: int = 0) -> torch.Generator:
 REFERENCE_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cagrad": lambda g: functional.cagrad(g, c=0.4),
     "imgrad": lambda g: functional.imgrad(g, alpha=0.8),
-    "imtl_g": lambda g: functional.imtl_g(g, eps=1e-8),
+    "imtl_g": functional.imtl_g,
     "aligned_mtl": functional.aligned_mtl,
     "nash_mtl": functional.nash_mtl,
     "fairgrad": lambda g: functional.fairgrad(g, alpha=1.0),

@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mtlhooks.errors import InputError
-from mtlhooks.method import MethodSpec, Property, check_gramian, is_finite, nan_weights
+from mtlhooks.method import MethodSpec, Property, Variant, check_gramian, is_finite, nan_weights
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Space, hookimpl
 from mtlhooks.solvers import conflict_averse_weights, mean_gradient, worst_case_weights
 from mtlhooks.step import Step
@@ -66,7 +66,22 @@ class CAGrad(Plugin):
         frozenset(
             {Property.SCALE_INVARIANT, Property.PERMUTATION_EQUIVARIANT, Property.NONNEGATIVE}
         ),
-        notes="c = 0.4; non-conflicting only for small c; c = 0 is the mean",
+        variants=(
+            Variant(
+                "c ≥ 1",
+                ({"c": 1.0}, {"c": 2.5}),
+                frozenset(
+                    {
+                        Property.NON_CONFLICTING,
+                        Property.SCALE_INVARIANT,
+                        Property.PERMUTATION_EQUIVARIANT,
+                        Property.NONNEGATIVE,
+                    }
+                ),
+            ),
+        ),
+        notes="c = 0.4; c = 0 is the mean; with c ≥ 1 the ball around g₀ holds d = 0, so the "
+        "best worst-case gain is ≥ 0: non-conflicting (for c < 1 it can conflict)",
     )
 
     @hookimpl
