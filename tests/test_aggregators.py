@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from test_functional import graddrop_by_hand
 
 from mtlhooks import MTL, Space, functional
 from mtlhooks.cli import main
@@ -377,18 +378,6 @@ def test_aligned_mtl_from_the_singular_value_decomposition(problem, space):
 # -- GradDrop ----------------------------------------------------------------------------------
 
 
-def graddrop_by_hand(grads: torch.Tensor, draw: torch.Tensor, leak: float) -> torch.Tensor:
-    """Chen et al. 2020, Alg. 1, coordinate by coordinate for clarity."""
-    combined = torch.zeros(grads.shape[1], dtype=grads.dtype)
-    for k in range(grads.shape[1]):
-        column = grads[:, k]
-        purity = 0.5 * (1 + column.sum() / column.abs().sum())
-        for value in column:
-            kept = (purity > draw[k] and value > 0) or (purity < draw[k] and value < 0)
-            combined[k] += value * (1.0 if kept else leak)
-    return combined
-
-
 @pytest.mark.parametrize("leak", [0.0, 0.25])
 def test_graddrop_matches_masked_combination_by_hand(problem, leak):
     """Features space: the trunk receives the masked combination of the weighted feature
@@ -409,11 +398,13 @@ def test_graddrop_matches_masked_combination_by_hand(problem, leak):
     z_ref, losses_ref = problem.losses(clone)
     grads = torch.stack(
         [torch.autograd.grad(losses_ref[t], z_ref, retain_graph=True)[0] for t in problem.tasks]
-    ).reshape(3, -1)
-    # The pipeline draws float32 uniforms on its (CPU) generator, whatever the gradients' dtype.
-    draw = torch.rand(grads.shape[1], generator=fresh_generator()).double()
-    combined = graddrop_by_hand(grads * weights[:, None], draw, leak)
-    dropped = (combined - (grads * weights[:, None]).sum(0)).abs() > 1e-12
+    )  # (T, batch, features)
+    # The pipeline draws float32 uniforms on its (CPU) generator, whatever the gradients' dtype:
+    # one per feature (non-batch coordinate of z).
+    draw = torch.rand(grads.shape[2], generator=fresh_generator()).double()
+    weighted = grads * weights[:, None, None]
+    combined = graddrop_by_hand(weighted, z_ref.detach(), draw, leak)
+    dropped = (combined - weighted.sum(0)).abs() > 1e-12
     assert bool(dropped.any())  # the draw really dropped something
     trunk = list(clone.encoder.parameters())
     expected_trunk = torch.autograd.grad(

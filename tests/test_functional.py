@@ -557,23 +557,102 @@ def test_gradvac_reaches_target_cosine_for_two_tasks() -> None:
     assert weights[1] >= coefficients_first[1]
 
 
-@given(jacobian=jacobians(max_exponent=0), seed=st.integers(0, 2**31 - 1))
-def test_graddrop_keeps_one_sign_per_coordinate(jacobian: Tensor, seed: int) -> None:
-    combined = F.graddrop(jacobian, generator=torch.Generator().manual_seed(seed))
-    positive = jacobian.clamp_min(0).sum(0)
-    negative = jacobian.clamp_max(0).sum(0)
-    matches = torch.isclose(combined, positive) | torch.isclose(combined, negative)
-    assert matches.all()
-    again = F.graddrop(jacobian, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(combined, again)
-    full_leak = F.graddrop(jacobian, generator=torch.Generator().manual_seed(seed), leak=1.0)
-    torch.testing.assert_close(full_leak, jacobian.sum(0))
+def graddrop_by_hand(
+    grads: Tensor, activations: Tensor, draws: Tensor, leak: float = 0.0
+) -> Tensor:
+    """Chen et al. 2020, Alg. 1, as LibMTL computes it, feature by feature with Python loops:
+    Sᵢ = Σ_b sign(z_b)·gᵢ,b, P = ½(1 + ΣSᵢ/Σ|Sᵢ|), a task keeps its gradient where its Sᵢ has
+    the sign the draw picks."""
+    num_tasks, batch, width = grads.shape
+    combined = torch.zeros(batch, width, dtype=grads.dtype)
+    for feature in range(width):
+        sums = [
+            sum(float(activations[b, feature].sign() * grads[i, b, feature]) for b in range(batch))
+            for i in range(num_tasks)
+        ]
+        magnitude = sum(abs(value) for value in sums)
+        purity = 0.5 * (1 + sum(sums) / magnitude) if magnitude > 0 else 0.5
+        for i in range(num_tasks):
+            draw = float(draws[feature])
+            kept = (purity > draw and sums[i] > 0) or (purity < draw and sums[i] < 0)
+            combined[:, feature] += grads[i, :, feature] * (1.0 if kept else leak)
+    return combined
 
 
-@given(jacobian=jacobians(kinds=("nonnegative",), max_exponent=0))
-def test_graddrop_without_sign_conflict_is_the_sum(jacobian: Tensor) -> None:
-    combined = F.graddrop(jacobian, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(combined, jacobian.sum(0))
+representations = st.tuples(
+    st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1)
+)
+
+
+def _graddrop_case(shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+    num_tasks, batch, width, seed = shape
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(num_tasks, batch, width, generator=gen, dtype=torch.float64)
+    activations = torch.randn(batch, width, generator=gen, dtype=torch.float64)
+    return grads, activations
+
+
+@given(shape=representations, leak=st.sampled_from([0.0, 0.3]))
+def test_graddrop_matches_the_per_feature_rule_by_hand(
+    shape: tuple[int, int, int, int], leak: float
+) -> None:
+    grads, activations = _graddrop_case(shape)
+    seed = shape[-1]
+    combined = F.graddrop(
+        grads, generator=torch.Generator().manual_seed(seed), leak=leak, activations=activations
+    )
+    # one float32 draw per feature from the generator, as the pipeline's
+    draws = torch.rand(grads.shape[2], generator=torch.Generator().manual_seed(seed))
+    expected = graddrop_by_hand(grads, activations, draws.double(), leak)
+    torch.testing.assert_close(combined, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(shape=representations)
+def test_graddrop_split_batch_with_summed_purities_equals_the_whole_batch(
+    shape: tuple[int, int, int, int],
+) -> None:
+    """What data parallelism does: each part of the batch reduces its batch sums with the
+    others' (here by hand) and draws the same uniforms: the parts' results are the whole's."""
+    grads, activations = _graddrop_case(shape)
+    assume(grads.shape[1] >= 2)
+    cut = grads.shape[1] // 2
+    whole = F.graddrop(grads, generator=torch.Generator().manual_seed(1), activations=activations)
+    parts = []
+    for own, other in ((slice(0, cut), slice(cut, None)), (slice(cut, None), slice(0, cut))):
+        others = (grads[:, other] * activations[other].sign()).sum(1)
+        parts.append(
+            F.graddrop(
+                2.0 * grads[:, own],  # a mean over half the samples: twice the gradient
+                generator=torch.Generator().manual_seed(1),
+                activations=activations[own],
+                reduce=lambda sums, rest=others: sums + 2.0 * rest,
+            )
+            / 2.0
+        )
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-12, atol=1e-15)
+
+
+@given(shape=representations)
+def test_graddrop_keeps_one_sign_per_feature_and_leak_one_is_the_sum(
+    shape: tuple[int, int, int, int],
+) -> None:
+    grads, activations = _graddrop_case(shape)
+    generator = torch.Generator().manual_seed(shape[-1])
+    combined = F.graddrop(grads, generator=generator, activations=activations)
+    sums = (grads * activations.sign()).sum(1)  # (T, features)
+    for feature in range(grads.shape[2]):
+        positive = grads[sums[:, feature] > 0, :, feature].sum(0)
+        negative = grads[sums[:, feature] < 0, :, feature].sum(0)
+        column = combined[:, feature]
+        assert torch.allclose(column, positive) or torch.allclose(column, negative)
+    full_leak = F.graddrop(grads, generator=generator, activations=activations, leak=1.0)
+    torch.testing.assert_close(full_leak, grads.sum(0))
+
+
+def test_graddrop_without_sign_conflict_is_the_sum() -> None:
+    grads = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    combined = F.graddrop(grads, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(combined, grads.sum(0))
 
 
 # --------------------------------------------------------------------------- solver cross-checks
