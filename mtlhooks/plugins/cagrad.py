@@ -22,8 +22,8 @@ def cagrad(gramian: Tensor, *, c: float = 0.4) -> Tensor:
     second term is dropped, as the reference's ``+1e-8`` effectively does.
     """
     check_gramian(gramian)
-    if c < 0:
-        raise InputError(f"cagrad: c must be ≥ 0, got {c}")
+    if not 0 <= c <= 1e6:
+        raise InputError(f"cagrad: c must be in [0, 1e6], got {c}")
     if not is_finite(gramian):
         return nan_weights(gramian)
     matrix, uniform, norm_mean = mean_gradient(gramian)
@@ -37,8 +37,10 @@ class CAGradConfig(PluginConfig):
     c: float = Field(
         default=0.4,
         ge=0.0,
+        le=1e6,
         description="Radius of the ball around the mean gradient, relative to its norm (the "
-        "reference uses 0.4 or 0.5); 0 gives the mean gradient.",
+        "reference uses 0.4 or 0.5); 0 gives the mean gradient; ≥ 1 never conflicts; at most "
+        "1e6 (beyond, the update is the same and c² overflows).",
     )
 
 

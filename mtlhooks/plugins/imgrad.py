@@ -29,8 +29,8 @@ def imgrad(gramian: Tensor, *, alpha: float = 0.8) -> Tensor:
     nonnegative inner product with every gradient; ``ρ = 0`` when either direction is zero.
     """
     check_gramian(gramian)
-    if alpha < 0:
-        raise InputError(f"imgrad: alpha must be ≥ 0, got {alpha}")
+    if not 0 <= alpha <= 1e6:
+        raise InputError(f"imgrad: alpha must be in [0, 1e6], got {alpha}")
     if not is_finite(gramian):
         return nan_weights(gramian)
     matrix, uniform, norm_mean = mean_gradient(gramian)
@@ -52,6 +52,7 @@ class IMGradConfig(PluginConfig):
     alpha: float = Field(
         default=0.8,
         ge=0.0,
+        le=1e6,
         description="Radius α of the ball around the mean gradient, relative to its norm "
         "(the paper's 0.8).",
     )
