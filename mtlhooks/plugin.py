@@ -110,7 +110,10 @@ class Plugin:
     - ``Config``: the pydantic model of its options (a :class:`PluginConfig` subclass).
     - ``spaces``: gradient spaces the plugin can work in, most preferred first; empty when it
       needs no per-task gradient.
-    - ``needs``: what it reads of the per-task gradients (:class:`Need`).
+    - ``needs``: what it reads of the per-task gradients (:class:`Need`). An instance may
+      raise it from ``GRAMIAN`` to ``JACOBIAN`` in ``__init__`` when an option needs the T×P
+      gradients themselves (GradVac's per-layer groups); the class attribute is what the
+      configuration sees.
     - ``method``: for an aggregator, the declaration of its functional form (the function
       Gramian → weights and the properties it claims, :class:`~mtlhooks.method.MethodSpec`);
       the property tests and ``docs/aggregator-properties.md`` are generated from it.
@@ -120,7 +123,7 @@ class Plugin:
     family: ClassVar[Family]
     Config: ClassVar[type[PluginConfig]] = NoOptions
     spaces: ClassVar[tuple[Space, ...]] = ()
-    needs: ClassVar[Need] = Need.NOTHING
+    needs: Need = Need.NOTHING
     method: ClassVar[MethodSpec | None] = None
 
     def __init__(self, config: PluginConfig, setup: Setup) -> None:

@@ -472,12 +472,14 @@ def test_graddrop_different_seed_different_gradients(make_problem):
     assert not same(run_steps(make_problem, "graddrop", 3), run_steps(make_problem, "graddrop", 4))
 
 
-def test_gradvac_resume_is_bit_for_bit(make_problem):
+@pytest.mark.parametrize("granularity", ["whole_model", "all_layer"])
+def test_gradvac_resume_is_bit_for_bit(make_problem, granularity):
     steps, split = 4, 2
-    through = run_steps(make_problem, "gradvac", seed=5, steps=steps)
+    plugin = {"name": "gradvac", "granularity": granularity}
+    through = run_steps(make_problem, plugin, seed=5, steps=steps)
 
     problem = make_problem()
-    mtl = build(problem, "gradvac", seed=5)
+    mtl = build(problem, plugin, seed=5)
     optimizer = torch.optim.SGD(problem.model.parameters(), lr=0.01)
     for _ in range(split):
         optimizer.zero_grad(set_to_none=True)
@@ -492,7 +494,7 @@ def test_gradvac_resume_is_bit_for_bit(make_problem):
     def resumed(load_targets: bool) -> list[dict[str, torch.Tensor]]:
         fresh = make_problem()
         fresh.model.load_state_dict(saved["model"])
-        mtl2 = build(fresh, "gradvac", seed=5)
+        mtl2 = build(fresh, plugin, seed=5)
         state = copy.deepcopy(saved["mtl"])
         if not load_targets:
             state["plugins"]["gradvac"] = mtl2.plugins["gradvac"].state_dict()
@@ -508,6 +510,46 @@ def test_gradvac_resume_is_bit_for_bit(make_problem):
 
     assert same(resumed(load_targets=True), through[split:])
     assert not same(resumed(load_targets=False), through[split:])  # the targets matter
+
+
+@pytest.mark.parametrize("granularity", ["all_layer", "all_matrix"])
+def test_gradvac_groups_correct_each_layer_or_matrix_on_its_own(problem, granularity):
+    """Each group of shared parameters gets GradVac's weights from its own block Gramian (its own
+    targets, the same orders): the shared parameters receive J_gᵀα_g block by block, the
+    task-specific parameters the plain sum."""
+    from mtlhooks.plugins.gradvac import gradvac_from_orders, parameter_groups
+
+    mtl = build(problem, {"name": "gradvac", "granularity": granularity}, Space.PARAMS)
+    clone = copy.deepcopy(problem.model)
+    _, losses_ref = problem.losses(clone)
+    names = [name for name, _ in clone.encoder.named_parameters()]
+    params = list(clone.encoder.parameters())
+    rows = [torch.autograd.grad(losses_ref[t], params, retain_graph=True) for t in problem.tasks]
+    blocks = [torch.stack([row[k].reshape(-1) for row in rows]) for k in range(len(params))]
+    orders = torch.rand(3, 3, generator=fresh_generator()).argsort(1)
+    groups = parameter_groups(names, granularity)
+    assert len(groups) == (2 if granularity == "all_layer" else 4)
+    expected = {}
+    for group in groups:
+        gramian = sum(blocks[k] @ blocks[k].T for k in group)
+        weights, _ = gradvac_from_orders(gramian, torch.zeros(3, 3, dtype=torch.float64), orders)
+        for k in group:
+            expected[names[k]] = (weights @ blocks[k]).reshape(params[k].shape)
+    z, losses = problem.losses()
+    mtl.backward(losses, features=z)
+    for name, p in problem.model.encoder.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+    plain = reference_grads(problem, torch.ones(3, dtype=torch.float64))
+    for name, p in problem.model.heads.named_parameters():
+        torch.testing.assert_close(p.grad, plain[f"heads.{name}"], rtol=1e-10, atol=1e-12)
+    (state,) = mtl.state_dict()["plugins"].values()
+    assert state["targets"].shape == (len(groups), 3, 3) and state["targets"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("space", ["features", "last_shared"])
+def test_gradvac_groups_outside_params_space_are_refused_at_construction(problem, space):
+    with pytest.raises(ConfigError, match="granularity 'all_layer' needs space 'params'"):
+        build(problem, {"name": "gradvac", "granularity": "all_layer"}, Space(space))
 
 
 def test_gradvac_refuses_foreign_state(problem):

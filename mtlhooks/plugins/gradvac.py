@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from mtlhooks.errors import InputError
+from mtlhooks.errors import ConfigError, InputError
 from mtlhooks.method import MethodSpec, Property, check_gramian, uniform_draws
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Setup, Space, hookimpl
 from mtlhooks.solvers import working_dtype
@@ -23,6 +23,20 @@ def gradvac(
     beta: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """GradVac with every task's order over the others drawn from ``generator``; see
+    :func:`gradvac_from_orders`."""
+    check_gramian(gramian)
+    return gradvac_from_orders(gramian, targets, _orders(gramian, generator), beta=beta)
+
+
+def _orders(gramian: Tensor, generator: torch.Generator | None) -> Tensor:
+    num_tasks = gramian.shape[0]
+    return uniform_draws((num_tasks, num_tasks), generator, gramian.device).argsort(1)
+
+
+def gradvac_from_orders(
+    gramian: Tensor, targets: Tensor, orders: Tensor, *, beta: float = 0.5
+) -> tuple[Tensor, Tensor]:
     """GradVac: raise every pairwise cosine towards an EMA target.
 
     Wang et al., "Gradient Vaccine", ICLR 2021, Alg. 1: for each task i and every other task j
@@ -32,7 +46,11 @@ def gradvac(
 
     Zero gradients give ``φ = 0`` and are never added. Targets are clipped to
     ``[-1, 1 − √eps]`` inside the formula (a target of exactly 1 asks for an infinite step).
-    Initialise ``targets`` with zeros, as the reference does.
+    Initialise ``targets`` with zeros, as the reference does. ``orders[i]`` is task i's order
+    over all tasks (entries equal to i are skipped), as in
+    :func:`mtlhooks.plugins.pcgrad.pcgrad_from_orders`. Every pair's target is updated, whether
+    it was corrected or not, as in the paper's Algorithm 1 and TorchJD (LibMTL updates only the
+    corrected pairs).
     """
     check_gramian(gramian)
     num_tasks = gramian.shape[0]
@@ -46,8 +64,7 @@ def gradvac(
     scales = diag.sqrt()
     eps = torch.finfo(dtype).eps
     tasks = torch.arange(num_tasks, device=device)
-    orders = uniform_draws((num_tasks, num_tasks), generator, device).argsort(1)
-    rounds = orders.T  # round k pairs task i with partner rounds[k, i]
+    rounds = orders.to(device).T  # round k pairs task i with partner rounds[k, i]
     # everything a round needs, gathered once
     partner_rows = matrix[rounds].unbind(0)
     partner_scales = scales[rounds]
@@ -85,6 +102,9 @@ def gradvac(
     return coefficients.sum(0).to(gramian.dtype), new_ema.to(targets.dtype)
 
 
+Granularity = Literal["whole_model", "all_layer", "all_matrix"]
+
+
 class GradVacConfig(PluginConfig):
     beta: float = Field(
         default=0.5,
@@ -93,6 +113,25 @@ class GradVacConfig(PluginConfig):
         description="EMA rate of the cosine targets: φ̂ ← (1−β)φ̂ + βφ (the reference "
         "implementation's 0.5).",
     )
+    granularity: Granularity = Field(
+        default="whole_model",
+        description="Where cosines are taken and corrected (the paper's and LibMTL's "
+        "options): the whole gradient ('whole_model'), or per layer ('all_layer': the "
+        "parameters of one module) or per parameter tensor ('all_matrix'), each group with its "
+        "own targets and weights; the grouped modes work in space 'params' only.",
+    )
+
+
+def parameter_groups(names: Sequence[str], granularity: Granularity) -> list[list[int]]:
+    """Indices of the parameter blocks of each group, in order of first appearance:
+    ``all_matrix`` one per block, ``all_layer`` one per module (the name without its last
+    component, so ``enc.0.weight`` and ``enc.0.bias`` form a group)."""
+    if granularity == "all_matrix":
+        return [[index] for index in range(len(names))]
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(name.rpartition(".")[0], []).append(index)
+    return list(groups.values())
 
 
 class GradVac(Plugin):
@@ -103,9 +142,16 @@ class GradVac(Plugin):
     j, in an order drawn from the pipeline's seeded generator, with ``φ = cos(g̃ᵢ, gⱼ)``: if
     ``φ < φ̂ᵢⱼ``, ``g̃ᵢ += ‖g̃ᵢ‖(φ̂√(1−φ²) − φ√(1−φ̂²)) / (‖gⱼ‖√(1−φ̂²)) · gⱼ``; then
     ``φ̂ᵢⱼ ← (1−β)φ̂ᵢⱼ + βφ``. The update is ``Σ g̃ᵢ``, computed on the Gramian as weights
-    (:func:`gradvac`), so the task-specific parameters receive the same
-    weights. The targets start at 0 and are the plugin's state (``state_dict``): a resumed run
-    continues bit-for-bit. They are updated at every ``backward()`` that aggregates.
+    (:func:`gradvac`), so the task-specific parameters receive the same weights. The targets
+    start at 0 and are the plugin's state (``state_dict``, float64): a resumed run continues
+    bit-for-bit. They are updated at every ``backward()`` that aggregates.
+
+    ``granularity: all_layer | all_matrix`` applies the rule per group of shared parameters
+    (per module, or per parameter tensor, as the paper's and LibMTL's options): each group has
+    its own targets and gives its own weights on its own gradient blocks (the orders are drawn
+    once per step and shared by the groups, as in LibMTL). The result is then not one
+    weighting: it is written to the shared parameters as a combined gradient (space ``params``
+    only; the task-specific parameters receive ``Σ wᵢ∇Lᵢ``, as for GradDrop).
     """
 
     name = "gradvac"
@@ -126,30 +172,70 @@ class GradVac(Plugin):
 
     def __init__(self, config: GradVacConfig, setup: Setup) -> None:
         super().__init__(config, setup)
+        self.config: GradVacConfig = config
         size = setup.num_tasks
-        # Moved to the Gramian's device and dtype at the first step, then kept there.
-        self.targets = torch.zeros(size, size, dtype=torch.float64)
+        self._groups: list[list[int]] | None = None
+        if config.granularity != "whole_model":
+            if setup.space is not Space.PARAMS:
+                raise ConfigError(
+                    f"gradvac: granularity {config.granularity!r} needs space 'params' (the "
+                    f"per-group updates are written to the shared parameters), not "
+                    f"{setup.space.value!r}; set space: params or granularity: whole_model"
+                )
+            self._groups = parameter_groups(setup.parameter_names, config.granularity)
+            self.needs = Need.JACOBIAN  # the per-group blocks of J are combined
+        count = 1 if self._groups is None else len(self._groups)
+        # Moved to the Gramian's device at the first step, then kept there; always float64.
+        self.targets = torch.zeros(count, size, size, dtype=torch.float64)
 
     @hookimpl
-    def mtl_aggregate(self, step: Step) -> torch.Tensor:
-        assert isinstance(self.config, GradVacConfig)
+    def mtl_aggregate(self, step: Step) -> Tensor | None:
+        if self._groups is not None:
+            return None  # grouped: mtl_combine
         gramian = step.gramian()
-        targets = self.targets.to(device=gramian.device, dtype=gramian.dtype)
-        weights, self.targets = gradvac(
+        targets = self.targets[0].to(device=gramian.device)
+        weights, new_targets = gradvac(
             gramian, targets, beta=self.config.beta, generator=step.generator
         )
+        self.targets = new_targets.unsqueeze(0)
         return weights
+
+    @hookimpl
+    def mtl_combine(self, step: Step) -> Tensor | None:
+        if self._groups is None:
+            return None
+        gradients = step.gradients
+        assert gradients is not None
+        scale = step.weights.to(gradients.gramian.dtype)
+        orders = _orders(gradients.gramian, step.generator)
+        targets = self.targets.to(device=gradients.gramian.device)
+        pieces: list[Tensor | None] = [None] * len(gradients.blocks)
+        updated = []
+        for group, blocks in enumerate(self._groups):
+            gramian = torch.stack([gradients.block_gramians[k] for k in blocks]).sum(0)
+            gramian = gramian * scale[:, None] * scale[None, :]
+            weights, new_targets = gradvac_from_orders(
+                gramian, targets[group], orders, beta=self.config.beta
+            )
+            updated.append(new_targets)
+            for k in blocks:
+                block = gradients.blocks[k]
+                pieces[k] = (weights * scale).to(block.dtype) @ block
+        self.targets = torch.stack(updated)
+        assert all(piece is not None for piece in pieces)
+        return torch.cat([piece for piece in pieces if piece is not None])
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": self.targets.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         targets = state.get("targets")
-        size = self.setup.num_tasks
+        expected = tuple(self.targets.shape)
         if set(state) != {"targets"} or not isinstance(targets, torch.Tensor):
             raise ValueError(f"gradvac: expected state {{'targets': Tensor}}, got {sorted(state)}")
-        if targets.shape != (size, size):
+        if tuple(targets.shape) != expected:
             raise ValueError(
-                f"gradvac: targets have shape {tuple(targets.shape)}, expected ({size}, {size})"
+                f"gradvac: targets have shape {tuple(targets.shape)}, expected {expected} "
+                "(groups, tasks, tasks)"
             )
-        self.targets = targets.clone()
+        self.targets = targets.to(torch.float64).clone()
