@@ -35,6 +35,7 @@ from torch import Tensor
 from mtlhooks.errors import InputError
 
 __all__ = [
+    "IfUndefined",
     "MethodSpec",
     "Property",
     "Variant",
@@ -45,6 +46,14 @@ __all__ = [
     "sum",
     "uniform_draws",
 ]
+
+
+IfUndefined = Literal["raise", "mgda"]
+"""What a method does where its weights are undefined (Nash-MTL and FairGrad without a
+solution, IMTL-G whose weights cannot sum to 1 with positive projections): ``raise`` a
+:class:`~mtlhooks.errors.SolverError`, or use ``mgda``'s min-norm weights (whose update is ~0
+at a Pareto-stationary point, where these rules break down). The functional API raises by
+default, the plugins fall back by default and say so in ``report.notes``."""
 
 
 class Property(str, enum.Enum):

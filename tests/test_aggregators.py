@@ -273,8 +273,8 @@ def test_fairgrad_solves_its_fairness_equations(problem):
 
 @pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
 def test_bargaining_failure_raises_on_request_and_nothing_is_written(problem, name):
-    """at_stationary: raise — a task without gradient has no solution: an error, no weights."""
-    mtl = build(problem, {"name": name, "at_stationary": "raise"})
+    """if_undefined: raise — a task without gradient has no solution: an error, no weights."""
+    mtl = build(problem, {"name": name, "if_undefined": "raise"})
     _, losses = problem.losses()
     losses["b"] = losses["b"] * 0.0
     with pytest.raises(SolverError, match=name):
@@ -319,12 +319,47 @@ def test_pareto_stationary_gradients_get_mgda_weights_and_a_note(problem, name):
     assert_grads_close(problem.grads(), reference_grads(problem, report.weights, opposite))
 
 
+def test_imtl_g_without_positive_equal_projections_uses_mgda_and_says_so():
+    """Full-rank gradients whose equal-projection weights sum to < 0: Σα = 1 would flip the
+    update against every task. The functional API raises unless asked to fall back; the
+    plugin falls back to MGDA's weights with a note (or raises on request)."""
+    from mtlhooks.plugin import Setup
+    from mtlhooks.plugins.imtl_g import IMTLG, IMTLGConfig
+    from mtlhooks.step import Step, TaskGradients
+
+    jac = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0], [3.0, -3.0, 2.0]], dtype=torch.float64)
+    gramian = jac @ jac.T
+    with pytest.raises(SolverError, match="summing to ≤ 0"):
+        functional.imtl_g(gramian)
+    torch.testing.assert_close(
+        functional.imtl_g(gramian, if_undefined="mgda"), functional.mgda(gramian)
+    )
+    for option in ("mgda", "raise"):
+        plugin = IMTLG(IMTLGConfig(if_undefined=option), Setup(("a", "b", "c"), Space.PARAMS, 0))
+        step = Step(
+            index=0,
+            tasks=("a", "b", "c"),
+            losses=torch.ones(3, dtype=torch.float64),
+            weights=torch.ones(3, dtype=torch.float64),
+            space=Space.PARAMS,
+            generator=fresh_generator(),
+            gradients=TaskGradients.from_blocks(Space.PARAMS, ["w"], [jac]),
+        )
+        if option == "raise":
+            with pytest.raises(SolverError):
+                plugin.mtl_aggregate(step)
+            continue
+        torch.testing.assert_close(plugin.mtl_aggregate(step), functional.mgda(gramian))
+        (note,) = step.notes
+        assert note.startswith("imtl_g: the equal-projection direction") and "MGDA" in note
+
+
 def test_functional_bargaining_raises_by_default_and_falls_back_on_request():
     opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
     for function in (functional.nash_mtl, functional.fairgrad):
         with pytest.raises(SolverError, match="Pareto-stationary"):
             function(opposite)
-        weights = function(opposite, at_stationary="mgda")
+        weights = function(opposite, if_undefined="mgda")
         torch.testing.assert_close(weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 

@@ -7,9 +7,9 @@ from pydantic import Field
 from torch import Tensor
 
 from mtlhooks.errors import InputError
-from mtlhooks.method import MethodSpec, Property
+from mtlhooks.method import IfUndefined, MethodSpec, Property
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Space, hookimpl
-from mtlhooks.plugins.nash_mtl import Stationary, bargaining_weights
+from mtlhooks.plugins.nash_mtl import bargaining_weights
 from mtlhooks.solvers import fair_weights, fair_weights_or_fallback
 from mtlhooks.step import Step
 
@@ -20,7 +20,7 @@ def fairgrad(
     alpha: float = 1.0,
     max_iter: int = 100,
     tol: float | None = None,
-    at_stationary: Stationary = "raise",
+    if_undefined: IfUndefined = "raise",
 ) -> Tensor:
     """FairGrad: α-fair weights, ``w > 0`` with ``(Gw)ᵢ = wᵢ^{-1/α}``.
 
@@ -31,13 +31,13 @@ def fairgrad(
     gradient norms spread over many orders of magnitude (≳ 1e8), the equations are so badly
     conditioned (a tiny task conflicting with a huge one needs an enormous weight whose progress
     is a cancellation) that no solution can be verified, or Newton's method stalls:
-    :class:`SolverError` (``at_stationary="mgda"``: MGDA's weights), never unverified weights.
+    :class:`SolverError` (``if_undefined="mgda"``: MGDA's weights), never unverified weights.
 
-    :param at_stationary: as :func:`nash_mtl`.
+    :param if_undefined: as :func:`nash_mtl`.
     """
     if alpha <= 0:
         raise InputError(f"fairgrad: alpha must be > 0, got {alpha}")
-    if at_stationary == "raise":
+    if if_undefined == "raise":
         return fair_weights(gramian, alpha, max_iter, tol, "fairgrad")
     return fair_weights_or_fallback(gramian, alpha, max_iter, tol, "fairgrad")[0]
 
@@ -59,7 +59,7 @@ class FairGradConfig(PluginConfig):
         le=1e-2,
         description="Tolerance of the solver; default 1e-9 (1e-4 on MPS, which has no float64).",
     )
-    at_stationary: Stationary = Field(
+    if_undefined: IfUndefined = Field(
         default="mgda",
         description="Where no solution exists or none can be verified: 'mgda' (zero-gradient "
         "tasks get weight 0, Pareto-stationary gradients MGDA's weights; noted in "
@@ -74,7 +74,7 @@ class FairGrad(Plugin):
     Newton's method in torch on the Gramian (:func:`fairgrad`) instead of the
     reference's scipy ``least_squares``; ``alpha = 1`` gives Nash-MTL's weights. Where no
     solution exists or none can be verified (Pareto-stationary gradients, a zero gradient, or
-    with α ≠ 1 gradient norms spread too widely) the update follows ``at_stationary`` exactly
+    with α ≠ 1 gradient norms spread too widely) the update follows ``if_undefined`` exactly
     as for :class:`~mtlhooks.plugins.nash_mtl.NashMTL` (default: MGDA's weights, noted in
     ``report.notes``; ``raise``: a :class:`~mtlhooks.errors.SolverError` and nothing is
     written). Default α = 1, the reference class's default (its run scripts tune α
@@ -113,6 +113,6 @@ class FairGrad(Plugin):
             self.config.alpha,
             max_iter=self.config.max_iter,
             tol=self.config.tol,
-            at_stationary=self.config.at_stationary,
+            if_undefined=self.config.if_undefined,
             name=self.name,
         )

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from mtlhooks.method import MethodSpec, Property
+from mtlhooks.method import IfUndefined, MethodSpec, Property
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Setup, Space, hookimpl
 from mtlhooks.solvers import fair_weights, fair_weights_or_fallback
 from mtlhooks.step import Step
-
-Stationary = Literal["raise", "mgda"]
 
 
 def nash_mtl(
@@ -22,7 +20,7 @@ def nash_mtl(
     *,
     max_iter: int = 100,
     tol: float | None = None,
-    at_stationary: Stationary = "raise",
+    if_undefined: IfUndefined = "raise",
 ) -> Tensor:
     """Nash-MTL: the Nash bargaining solution, ``α > 0`` with ``(Gα)ᵢ = 1/αᵢ``.
 
@@ -37,14 +35,14 @@ def nash_mtl(
     1e-9), or, where rounding keeps Newton's method from getting there, to 1e-4 including the
     rounding error of ``(Gα)ᵢ``.
 
-    :param at_stationary: what to do where no solution exists or none can be verified (a zero
+    :param if_undefined: what to do where no solution exists or none can be verified (a zero
         gradient; gradients with a vanishing nonnegative combination, or so nearly that
         ``(Gα)ᵢ`` is lost in rounding): ``"raise"`` a :class:`~mtlhooks.errors.SolverError`, or
         ``"mgda"``: zero-gradient tasks get weight 0 and the others are solved for; where the
         others are Pareto-stationary, MGDA's min-norm weights (an update of ~0 on the shared
         parameters) — the plugin's default, see :class:`NashMTL`.
     """
-    if at_stationary == "raise":
+    if if_undefined == "raise":
         return fair_weights(gramian, 1.0, max_iter, tol, "nash_mtl")
     return fair_weights_or_fallback(gramian, 1.0, max_iter, tol, "nash_mtl")[0]
 
@@ -67,7 +65,7 @@ class NashMTLConfig(PluginConfig):
         "ones in between, as the reference's option (default 1, the paper; the gradients are "
         "still taken at every step, only the solve is saved).",
     )
-    at_stationary: Stationary = Field(
+    if_undefined: IfUndefined = Field(
         default="mgda",
         description="Where no bargaining solution exists (Pareto-stationary gradients, a zero "
         "gradient): 'mgda' gives zero-gradient tasks weight 0 and uses MGDA's min-norm weights "
@@ -84,11 +82,11 @@ class NashMTL(Plugin):
 
     Where no bargaining solution exists — the gradients are Pareto-stationary (a nonnegative
     combination of them vanishes, which is what training converges to) or nearly so, or a
-    task's gradient is zero — training goes on with a defined update (``at_stationary: mgda``,
+    task's gradient is zero — training goes on with a defined update (``if_undefined: mgda``,
     default): zero-gradient tasks get weight 0 and the bargaining is solved for the others;
     Pareto-stationary gradients get MGDA's min-norm weights, a convex combination whose update
     on the shared parameters is (about) zero, the limit the bargaining solution diverges
-    towards. The step says so in ``report.notes``. With ``at_stationary: raise`` a
+    towards. The step says so in ``report.notes``. With ``if_undefined: raise`` a
     :class:`~mtlhooks.errors.SolverError` is raised instead and nothing is written. The
     reference's silent fall-back to the previous weights is never taken.
 
@@ -136,7 +134,7 @@ class NashMTL(Plugin):
                 1.0,
                 max_iter=self.config.max_iter,
                 tol=self.config.tol,
-                at_stationary=self.config.at_stationary,
+                if_undefined=self.config.if_undefined,
                 name=self.name,
             )
         assert self._weights is not None
@@ -159,12 +157,12 @@ def bargaining_weights(
     *,
     max_iter: int,
     tol: float | None,
-    at_stationary: Stationary,
+    if_undefined: IfUndefined,
     name: str,
 ) -> Tensor:
     """The α-fair weights of Nash-MTL (``power`` 1) and FairGrad for ``step``, with their
-    ``at_stationary`` rule (a remark in ``report.notes`` when the fallback applies)."""
-    if at_stationary == "raise":
+    ``if_undefined`` rule (a remark in ``report.notes`` when the fallback applies)."""
+    if if_undefined == "raise":
         return fair_weights(gramian, power, max_iter, tol, name)
     weights, remark = fair_weights_or_fallback(gramian, power, max_iter, tol, name, step.tasks)
     if remark is not None:
