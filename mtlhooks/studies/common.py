@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mtlhooks import registry
 from mtlhooks.backends import MemoryBackend
 from mtlhooks.core import MTL
-from mtlhooks.errors import MTLError
+from mtlhooks.errors import ConfigError, MTLError
 from mtlhooks.plugin import Family, Space
 from mtlhooks.plugins.gradstats import GradStats
 from mtlhooks.problems import (
@@ -323,15 +323,21 @@ def train(
     config: dict[str, Any] = {"tasks": names, "plugins": list(plugins), "seed": settings.seed}
     memory = MemoryBackend()
     space = None
-    if observe_every is not None:
-        space = own_space(problem, list(plugins))
-        if observe_space is None:
-            observe_space = space if space is not Space.NONE else Space.LAST_SHARED
-        config["space"] = observe_space.value
-        config["plugins"].append(
-            {"name": "gradstats", "every": observe_every, **(observer_options or {})}
-        )
-    mtl = MTL(config, shared=model.encoder, last_shared=model.last_shared_layer)
+    try:
+        if observe_every is not None:
+            space = own_space(problem, list(plugins))
+            if observe_space is None:
+                observe_space = space if space is not Space.NONE else Space.LAST_SHARED
+            config["space"] = observe_space.value
+            config["plugins"].append(
+                {"name": "gradstats", "every": observe_every, **(observer_options or {})}
+            )
+        mtl = MTL(config, shared=model.encoder, last_shared=model.last_shared_layer)
+    except ConfigError as error:
+        # a method the problem cannot have (Krum needs ≥ 4 tasks): an untrained row
+        val, test = problem.metrics(model, "val"), problem.metrics(model, "test")
+        reason = f"not applicable: {str(error).splitlines()[0][:160]}"
+        return Run(method, list(plugins), "—", val, test, 0.0, [], reason)
     observer = mtl.plugins.get("gradstats")
     if isinstance(observer, GradStats):
         observer.attach(memory)

@@ -28,6 +28,7 @@ import itertools
 import math
 from typing import Any
 
+from mtlhooks.errors import ConfigError
 from mtlhooks.progress import ProgressBar
 from mtlhooks.studies.common import (
     Problem,
@@ -91,7 +92,10 @@ def study_problem(
     prefix = _last_layer_prefix(problem)
 
     def observed(method: str, plugins: list[Any]) -> Run:
-        params = own_space(problem, plugins).value == "params"
+        try:
+            params = own_space(problem, plugins).value == "params"
+        except ConfigError:
+            params = False  # train() reports the method as not applicable to this problem
         options = {"groups": {"last": [prefix]}} if params else None
         return train(
             problem,
