@@ -24,25 +24,31 @@ from mtlhooks.method import TRIVIAL_METHODS, MethodSpec, Property, Variant, mean
 from mtlhooks.plugins.aligned_mtl import aligned_mtl
 from mtlhooks.plugins.cagrad import cagrad
 from mtlhooks.plugins.config import config
+from mtlhooks.plugins.cr_mogm import cr_mogm
 from mtlhooks.plugins.dualproj import dualproj
 from mtlhooks.plugins.fairgrad import fairgrad
 from mtlhooks.plugins.graddrop import graddrop
 from mtlhooks.plugins.gradvac import gradvac
 from mtlhooks.plugins.imgrad import imgrad
 from mtlhooks.plugins.imtl_g import imtl_g
+from mtlhooks.plugins.krum import krum
 from mtlhooks.plugins.mgda import mgda
 from mtlhooks.plugins.nash_mtl import nash_mtl
+from mtlhooks.plugins.pcd import PCDState, pcd
 from mtlhooks.plugins.pcgrad import pcgrad, pcgrad_from_orders
+from mtlhooks.plugins.trimmed_mean import trimmed_mean
 from mtlhooks.plugins.upgrad import upgrad
 
 __all__ = [
     "METHODS",
     "MethodSpec",
+    "PCDState",
     "Property",
     "Variant",
     "aligned_mtl",
     "cagrad",
     "config",
+    "cr_mogm",
     "declared_methods",
     "dualproj",
     "fairgrad",
@@ -50,13 +56,16 @@ __all__ = [
     "gradvac",
     "imgrad",
     "imtl_g",
+    "krum",
     "mean",
     "mgda",
     "nash_mtl",
+    "pcd",
     "pcgrad",
     "pcgrad_from_orders",
     "property_table_markdown",
     "sum",
+    "trimmed_mean",
     "upgrad",
 ]
 

@@ -52,6 +52,7 @@ __all__ = [
     "gramian_scales",
     "input_eps",
     "min_norm_weights",
+    "nonnegative_qp",
     "normalize_gramian",
     "penalized_simplex_weights",
     "project_onto_simplex",
@@ -1174,3 +1175,20 @@ def fair_weights_or_fallback(
         f"{name}: {failure}; used MGDA's min-norm weights (the update on the shared parameters "
         "is ~0 where the gradients are Pareto-stationary)"
     )
+
+
+def nonnegative_qp(matrix: Tensor, linear: Tensor, *, ridge: float | None = None) -> Tensor:
+    """Solve ``min_{x ≥ 0} ½ xᵀMx + cᵀx`` for a positive semi-definite M (the dual of a
+    projection onto a polyhedron given by its Gramian, as in PCD).
+
+    Same machinery as :func:`dual_cone_qp` (scaled coordinates, block pivoting then the
+    monotone active-set method, a polishing solve). Where the problem is unbounded below (the
+    primal polyhedron is empty) the ridge keeps the answer finite but large: callers check the
+    primal constraints.
+    """
+    dtype = working_dtype(matrix)
+    square = matrix.to(dtype)
+    problem = _scaled_problem(square, ridge)
+    scaled_linear = (linear.to(dtype) / problem.scales).unsqueeze(0)
+    beta = _solve_lcp(problem, None, scaled_linear, None, 1, "nonnegative QP")
+    return (beta[0].clamp_min(0) / problem.scales).to(matrix.dtype)
