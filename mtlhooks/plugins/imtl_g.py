@@ -27,8 +27,11 @@ def imtl_g(gramian: Tensor, *, if_undefined: IfUndefined = "raise") -> Tensor:
     Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2. With ``uᵢ = gᵢ/‖gᵢ‖``
     the conditions ``dᵀuᵢ = dᵀuⱼ`` and ``Σα = 1`` give ``α ∝ S⁻¹ Ĝ⁻¹ 1`` in terms of the cosine
     matrix ``Ĝ`` (equivalent to the paper's ``g₁Uᵀ(DUᵀ)⁻¹``). For linearly dependent gradients
-    ``Ĝ⁻¹`` is the pseudo-inverse, TorchJD's generalisation (Quinton & Rey, arXiv 2406.16232),
-    with the rank decided scale-invariantly (:func:`mtlhooks.solvers.equal_projection_weights`):
+    ``Ĝ⁻¹`` is the pseudo-inverse, ``d ∝ U⁺1`` (with the rank decided scale-invariantly,
+    :func:`mtlhooks.solvers.equal_projection_weights`); TorchJD's generalisation (Quinton &
+    Rey, arXiv 2406.16232) takes ``d ∝ J⁺s`` instead: both have equal projections whenever such
+    a direction exists, and differ only in how a least-squares compromise weighs the tasks
+    (ours does not depend on the gradients' norms, as IMTL intends):
     no ridge, so the projections are equal to rounding (~1e-12 relative on full-rank inputs) and
     a rank-deficient input does not shrink the update. Zero gradients get weight 0.
 
