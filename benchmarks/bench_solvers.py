@@ -1,105 +1,181 @@
-"""Time every Gramian → weights method of :mod:`mtlhooks.functional` on CPU.
+"""Time every Gramian → weights method against TorchJD 0.18's weighting, on each hard family.
 
-Usage: ``python benchmarks/bench_solvers.py [--repeats N] [--threads K]``. Prints one table,
-milliseconds per call for T = 4, 10, 40 in float64 and float32, and the ratio of the T = 40
-float64 time to the target of issue 4 (1 ms for closed-form and projection methods, 5 ms for
-the iterative Nash-MTL and FairGrad; ≤ 1 means met). Gramians are those of random Gaussian
-gradients with P = 4T parameters (full rank, mixed conflicts).
+Usage: ``python benchmarks/bench_solvers.py [--tasks 40] [--repeats 15] [--threads 1]``
+(TorchJD, with its solvers: ``pip install torch==2.13.0 "torchjd[full]==0.18.0"``; without
+it only our times are printed). For every family of ``tests/families.py`` (``norm_spread_float32``
+at T ≤ 16, where it stays finite), ``--seeds`` Gramians of T tasks are drawn; each round times
+every (method, family, seed) for ours and then TorchJD's, interleaved, a block of ``--block``
+consecutive calls each, so that a change in machine load hits both alike. A cell is the median
+over rounds and seeds of the CPU time per call (``time.process_time``: time spent descheduled
+does not count), in ms: ``ours / TorchJD (ratio)``; ``err`` marks a call that raised.
 
-Measurement: the calls are interleaved (every round times each method and size in turn, a block
-of ``--block`` consecutive calls each), so that a change in machine load hits all of them alike;
-each cell is the median over rounds of the CPU time per call (``time.process_time``, which does
-not count time spent descheduled). ``--block 1`` measures cold-cache calls, as in a training
-step where the model's work evicts the solver's data between calls.
+TorchJD counterparts: the ``*Weighting`` of the same name on the Gramian (CAGrad c = 0.4,
+FairGrad α = 1, Krum f = 1, CR-MOGM around UPGrad); Nash-MTL and ConFIG take the matrix in
+TorchJD, so they get ``L`` with ``LLᵀ = G`` (from ``eigh``), which has the same Gramian.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from mtlhooks.errors import SolverError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from families import FAMILIES, family_gramian
+
 from mtlhooks.functional import METHODS
 
-SIZES = (4, 10, 40)
-DTYPES = (torch.float64, torch.float32)
-ITERATIVE = ("nash_mtl", "fairgrad")
+Call = Callable[[Tensor], object]
 
 
-def _caller(name: str) -> Callable[[Tensor], object]:
+def ours(name: str) -> Call:
     spec = METHODS[name]
 
     def call(gramian: Tensor) -> object:
         args: list[object] = [gramian]
         if spec.stateful:
-            args.append(torch.zeros_like(gramian))
+            initial = spec.initial_state or torch.zeros_like
+            args.append(initial(gramian))
+        kwargs = dict(spec.options)
         if spec.random:
-            return spec.function(*args, generator=torch.Generator().manual_seed(0))
-        return spec.function(*args)
+            kwargs["generator"] = torch.Generator().manual_seed(0)
+        return spec.function(*args, **kwargs)
 
     return call
 
 
+def _factor(gramian: Tensor) -> Tensor:
+    values, vectors = torch.linalg.eigh(gramian.double())
+    return (vectors * values.clamp_min(0).sqrt()).to(gramian.dtype)
+
+
+def torchjd_calls() -> dict[str, Call]:
+    """Our method name → a fresh-state TorchJD call on the Gramian (empty without TorchJD)."""
+    try:
+        from torchjd import aggregation as A
+    except ImportError:
+        return {}
+
+    def fresh(factory: Callable[[], Callable[[Tensor], object]], matrix: bool = False) -> Call:
+        def call(gramian: Tensor) -> object:
+            weighting = factory()  # stateful ones start afresh, as ours do
+            return weighting(_factor(gramian) if matrix else gramian)
+
+        return call
+
+    table: dict[str, Call] = {
+        "mean": fresh(A.MeanWeighting),
+        "sum": fresh(A.SumWeighting),
+        "mgda": fresh(A.MGDAWeighting),
+        "pcgrad": fresh(A.PCGradWeighting),
+        "upgrad": fresh(A.UPGradWeighting),
+        "dualproj": fresh(A.DualProjWeighting),
+        "imtl_g": fresh(A.IMTLGWeighting),
+        "aligned_mtl": fresh(A.AlignedMTLWeighting),
+        "cagrad": fresh(lambda: A.CAGradWeighting(c=0.4)),
+        "fairgrad": fresh(lambda: A.FairGradWeighting(alpha=1.0)),
+        "gradvac": fresh(A.GradVacWeighting),
+        "krum": fresh(lambda: A.KrumWeighting(n_byzantine=1)),
+        "pcd": fresh(A.PCDWeighting),
+        "cr_mogm": fresh(lambda: A.CRMOGMWeighting(A.UPGradWeighting())),
+        "config": fresh(A.ConFIG, matrix=True),
+    }
+    nash = getattr(A, "NashMTL", None)
+    if nash is not None:
+
+        def nash_call(gramian: Tensor) -> object:
+            aggregator = nash(n_tasks=gramian.shape[0], max_norm=0.0)
+            return aggregator(_factor(gramian))
+
+        table["nash_mtl"] = nash_call
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--tasks", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--block", type=int, default=5, help="consecutive calls per case and round (warm caches)"
-    )
+    parser.add_argument("--methods", default="", help="comma-separated subset")
+    parser.add_argument("--families", default="", help="comma-separated subset")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    gramians = {}
-    for size in SIZES:
-        jacobian = torch.randn(size, 4 * size, generator=gen, dtype=torch.float64)
-        gramians[size] = jacobian @ jacobian.T
-    columns = [(size, dtype) for dtype in DTYPES for size in SIZES]
-    names = [name for name, spec in METHODS.items() if spec.input == "gramian"]
-    cases = [(name, size, dtype) for name in names for size, dtype in columns]
-    inputs = {(size, dtype): gramians[size].to(dtype) for size, dtype in columns}
-    callers = {name: _caller(name) for name in names}
-    failed: set[tuple[str, int, torch.dtype]] = set()
-    samples: dict[tuple[str, int, torch.dtype], list[float]] = {case: [] for case in cases}
-    for case in cases:  # warm-up (and find the cases that raise)
-        name, size, dtype = case
-        try:
-            for _ in range(3):
-                callers[name](inputs[size, dtype])
-        except SolverError:
-            failed.add(case)
+    names = [n for n, s in METHODS.items() if s.input == "gramian"]
+    if args.methods:
+        names = [n for n in names if n in args.methods.split(",")]
+    families = list(FAMILIES) if not args.families else args.families.split(",")
+    theirs = torchjd_calls()
+    inputs = {
+        family: [
+            family_gramian(
+                family, min(args.tasks, 16) if family == "norm_spread_float32" else args.tasks, s
+            )
+            for s in range(args.seeds)
+        ]
+        for family in families
+    }
+    callers: dict[tuple[str, str], Call] = {}
+    for name in names:
+        callers[name, "ours"] = ours(name)
+        if name in theirs:
+            callers[name, "torchjd"] = theirs[name]
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    failed: set[tuple[str, str, str]] = set()
+    for (name, side), call in callers.items():  # warm-up, and find what raises
+        for family in families:
+            for gramian in inputs[family]:
+                try:
+                    call(gramian)
+                except Exception:
+                    failed.add((name, side, family))
     for _ in range(args.repeats):
-        for case in cases:
-            if case in failed:
-                continue
-            name, size, dtype = case
-            start = time.process_time()
-            for _ in range(args.block):
-                callers[name](inputs[size, dtype])
-            samples[case].append((time.process_time() - start) / args.block)
+        for name in names:
+            for family in families:
+                for side in ("ours", "torchjd"):
+                    key = (name, side, family)
+                    if (name, side) not in callers or key in failed:
+                        continue
+                    for gramian in inputs[family]:
+                        start = time.process_time()
+                        for _ in range(args.block):
+                            callers[name, side](gramian)
+                        elapsed = (time.process_time() - start) / args.block
+                        samples.setdefault(key, []).append(elapsed)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), ms per call "
-        f"(median of {args.repeats} interleaved rounds of {args.block} calls, CPU time)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), T = {args.tasks}: ms "
+        f"per call, ours / TorchJD (ratio), median of {args.repeats} interleaved rounds × "
+        f"{args.seeds} seeds, CPU time"
     )
-    header = " | ".join(f"T={size} {str(dtype).removeprefix('torch.')}" for size, dtype in columns)
-    print(f"| method | {header} | T=40 f64 / target |")
-    print("|" + " --- |" * (len(columns) + 2))
+    print("| method | " + " | ".join(families) + " |")
+    print("|" + " --- |" * (len(families) + 1))
     for name in names:
         cells = []
-        for size, dtype in columns:
-            case = (name, size, dtype)
-            cells.append(
-                "SolverError" if case in failed else f"{1e3 * statistics.median(samples[case]):.3f}"
+        for family in families:
+            own_key, other_key = (name, "ours", family), (name, "torchjd", family)
+            own = "err" if own_key in failed else f"{1e3 * statistics.median(samples[own_key]):.2f}"
+            if (name, "torchjd") not in callers:
+                cells.append(own)
+                continue
+            if other_key in failed:
+                cells.append(f"{own} / err")
+                continue
+            other = 1e3 * statistics.median(samples[other_key])
+            ratio = (
+                ""
+                if own_key in failed
+                else f" ({1e3 * statistics.median(samples[own_key]) / other:.2f})"
             )
-        target = 5.0 if name in ITERATIVE else 1.0
-        key = (name, 40, torch.float64)
-        ratio = "—" if key in failed else f"{1e3 * statistics.median(samples[key]) / target:.2f}"
-        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+            cells.append(f"{own} / {other:.2f}{ratio}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

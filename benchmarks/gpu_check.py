@@ -113,7 +113,7 @@ def _count_syncs(device: torch.device, space: str, method: str, mode: str) -> di
     names = ["t0", "t1", "t2"]
     model = bench.MODELS["mlp"].build(len(names)).to(device)
     x = torch.randn(64, 256, device=device)
-    config = {"tasks": names, "space": space, "plugins": [method], "params_gramian": mode}
+    config = bench.case_config(names, space, method, mode)
     mtl = MTL(config, shared=model.encoder).to(device=device)
 
     def call() -> None:

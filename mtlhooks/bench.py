@@ -263,6 +263,16 @@ CASES: tuple[tuple[str, str, str], ...] = (
 """(space, plugin, params_gramian) measured for each model and task count; ``unchecked``:
 ``check_gradients: false`` (only losses, weights and Gramian checked for NaN/inf)."""
 
+def case_config(names: list[str], space: str, method: str, mode: str) -> dict[str, Any]:
+    """The pipeline config of one case of :data:`CASES`."""
+    config: dict[str, Any] = {"tasks": names, "space": space, "plugins": [method]}
+    if mode == "unchecked":
+        config["check_gradients"] = False
+    else:
+        config["params_gramian"] = mode
+    return config
+
+
 TORCHJD_METHODS = {"pcgrad": "PCGrad", "mgda": "MGDA"}
 """Our plugin → the TorchJD aggregator compared with it (``mtl_backward`` + ``jac_to_grad``)."""
 
@@ -388,11 +398,7 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
     mtls: dict[str, MTL] = {}
     stages: dict[str, list[dict[str, float]]] = {}
     for space, method, mode in CASES:
-        config: dict[str, Any] = {"tasks": names, "space": space, "plugins": [method]}
-        if mode == "unchecked":
-            config["check_gradients"] = False
-        else:
-            config["params_gramian"] = mode
+        config = case_config(names, space, method, mode)
         # One MTL per model, as in real use: an MTL's forward hooks (layerwise Gramian) would
         # otherwise record the other cases' forwards too.
         key = _key(space, method, mode)

@@ -15,7 +15,9 @@ A plugin is one small file::
             step.weights = step.weights * step.losses ** -self.config.power
 
 The pipeline builds one instance per configured plugin with ``Plugin(config, setup)`` and registers
-it with pluggy; the hooks it may implement are documented in :mod:`mtlhooks.hookspecs`.
+it with pluggy; the hooks it may implement are documented in :mod:`mtlhooks.hookspecs`. An
+aggregator's file also holds its function Gramian → weights and declares it with
+``method = MethodSpec(...)`` (the layout of such a file: :mod:`mtlhooks.plugins`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, ClassVar
 import pluggy
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from mtlhooks.method import MethodSpec
 
 PROJECT = "mtlhooks"
 
@@ -114,14 +118,21 @@ class Plugin:
     - ``Config``: the pydantic model of its options (a :class:`PluginConfig` subclass).
     - ``spaces``: gradient spaces the plugin can work in, most preferred first; empty when it
       needs no per-task gradient.
-    - ``needs``: what it reads of the per-task gradients (:class:`Need`).
+    - ``needs``: what it reads of the per-task gradients (:class:`Need`). An instance may
+      raise it from ``GRAMIAN`` to ``JACOBIAN`` in ``__init__`` when an option needs the T×P
+      gradients themselves (GradVac's per-layer groups); the class attribute is what the
+      configuration sees.
+    - ``method``: for an aggregator, the declaration of its functional form (the function
+      Gramian → weights and the properties it claims, :class:`~mtlhooks.method.MethodSpec`);
+      the property tests and ``docs/aggregator-properties.md`` are generated from it.
     """
 
     name: ClassVar[str]
     family: ClassVar[Family]
     Config: ClassVar[type[PluginConfig]] = NoOptions
     spaces: ClassVar[tuple[Space, ...]] = ()
-    needs: ClassVar[Need] = Need.NOTHING
+    needs: Need = Need.NOTHING
+    method: ClassVar[MethodSpec | None] = None
 
     def __init__(self, config: PluginConfig, setup: Setup) -> None:
         self.config = config

@@ -1,6 +1,7 @@
-"""Finding plugins by name: the built-ins, then the entry-point group ``mtlhooks.plugins``.
+"""Finding plugins by name: every plugin is an entry point of the group ``mtlhooks.plugins``.
 
-A third-party package adds a method without touching mtlhooks::
+The built-ins are declared that way too, in mtlhooks' own ``pyproject.toml``; a third-party
+package adds a method the same way, without touching mtlhooks::
 
     # its pyproject.toml
     [project.entry-points."mtlhooks.plugins"]
@@ -16,7 +17,6 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-import warnings
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -24,39 +24,32 @@ import pluggy
 
 from mtlhooks import hookspecs
 from mtlhooks.errors import ConfigError, PluginError
+from mtlhooks.method import MethodSpec
 from mtlhooks.plugin import PROJECT, Family, Need, Plugin, PluginConfig, Space
 
 ENTRY_POINT_GROUP = "mtlhooks.plugins"
 
-BUILTINS: dict[str, str] = {
-    "static": "mtlhooks.plugins.static:Static",
-    "avgnorm": "mtlhooks.plugins.avgnorm:AvgNorm",
-    "pcgrad": "mtlhooks.plugins.pcgrad:PCGrad",
-    "mgda": "mtlhooks.plugins.mgda:MGDA",
-    "gradstats": "mtlhooks.plugins.gradstats:GradStats",
-    "uncertainty": "mtlhooks.plugins.uncertainty:Uncertainty",
-    "uw_so": "mtlhooks.plugins.uw_so:UWSO",
-    "dwa": "mtlhooks.plugins.dwa:DWA",
-    "rlw": "mtlhooks.plugins.rlw:RLW",
-    "gls": "mtlhooks.plugins.gls:GLS",
-    "imtl_l": "mtlhooks.plugins.imtl_l:IMTLL",
-    "slaw": "mtlhooks.plugins.slaw:SLAW",
-    "famo": "mtlhooks.plugins.famo:FAMO",
-    "gradnorm": "mtlhooks.plugins.gradnorm:GradNorm",
-    "db_mtl": "mtlhooks.plugins.db_mtl:DBMTL",
-    "upgrad": "mtlhooks.plugins.upgrad:UPGrad",
-    "dualproj": "mtlhooks.plugins.dualproj:DualProj",
-    "cagrad": "mtlhooks.plugins.cagrad:CAGrad",
-    "imgrad": "mtlhooks.plugins.imgrad:IMGrad",
-    "imtl_g": "mtlhooks.plugins.imtl_g:IMTLG",
-    "aligned_mtl": "mtlhooks.plugins.aligned_mtl:AlignedMTL",
-    "nash_mtl": "mtlhooks.plugins.nash_mtl:NashMTL",
-    "fairgrad": "mtlhooks.plugins.fairgrad:FairGrad",
-    "config": "mtlhooks.plugins.config:ConFIG",
-    "gradvac": "mtlhooks.plugins.gradvac:GradVac",
-    "graddrop": "mtlhooks.plugins.graddrop:GradDrop",
-}
-"""Built-in plugins: name → ``module:Class`` (imported on first use)."""
+DISTRIBUTION = "mtlhooks"
+
+
+def _own_entry_points() -> dict[str, str]:
+    """name → ``module:Class`` of the entry points that mtlhooks' own distribution declares."""
+    try:
+        distribution = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return {}
+    return {
+        entry_point.name: entry_point.value
+        for entry_point in distribution.entry_points
+        if entry_point.group == ENTRY_POINT_GROUP
+    }
+
+
+BUILTINS: dict[str, str] = _own_entry_points()
+"""Built-in plugins: name → ``module:Class`` (imported on first use). They are declared like any
+third-party plugin, as entry points of the group ``mtlhooks.plugins`` in mtlhooks' own
+``pyproject.toml``, and read from the installed package's metadata: adding a built-in method is
+one new file plus one line there (then ``pip install -e .`` again to refresh the metadata)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +106,13 @@ def _check_plugin_class(name: str, obj: object, source: str) -> type[Plugin]:
         raise PluginError(f"plugin {name!r}: `Config` must subclass mtlhooks.PluginConfig")
     if cls.needs is not Need.NOTHING and not cls.spaces:
         raise PluginError(f"plugin {name!r} reads task gradients but declares no `spaces`")
+    method = getattr(cls, "method", None)
+    if method is not None and not (
+        isinstance(method, MethodSpec) and cls.family is Family.AGGREGATOR
+    ):
+        raise PluginError(
+            f"plugin {name!r}: `method` must be a mtlhooks.method.MethodSpec, on an aggregator"
+        )
     # Register the class itself with a scratch manager: pluggy checks hook names and arguments.
     manager = new_plugin_manager()
     try:
@@ -144,18 +144,25 @@ def _load(reference: str, name: str, source: str) -> type[Plugin]:
 
 
 @functools.cache
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    found: dict[str, metadata.EntryPoint] = {}
+def _entry_points() -> dict[str, list[metadata.EntryPoint]]:
+    """Third-party entry points by name (several when packages clash on a name)."""
+    found: dict[str, list[metadata.EntryPoint]] = {}
+    seen: set[tuple[str, str, str]] = set()
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name in BUILTINS or entry_point.name in _REGISTERED:
-            warnings.warn(
-                f"entry point {entry_point.value!r} registers plugin {entry_point.name!r}, "
-                "which is a built-in name; the built-in is used",
-                stacklevel=2,
-            )
+        dist = entry_point.dist.name if entry_point.dist is not None else ""
+        if dist == DISTRIBUTION:
+            continue  # mtlhooks' own: the built-ins
+        key = (entry_point.name, entry_point.value, dist)
+        if key in seen:  # the same distribution found twice on sys.path
             continue
-        found.setdefault(entry_point.name, entry_point)
+        seen.add(key)
+        found.setdefault(entry_point.name, []).append(entry_point)
     return found
+
+
+def _source(entry_point: metadata.EntryPoint) -> str:
+    dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
+    return f"entry point {entry_point.value} ({dist})"
 
 
 _REGISTERED: dict[str, type[Plugin]] = {}
@@ -164,11 +171,12 @@ _REGISTERED: dict[str, type[Plugin]] = {}
 def register(cls: type[Plugin]) -> type[Plugin]:
     """Make a plugin class findable by its ``name`` in this process (notebooks, tests, scripts
     that define a method inline); usable as a class decorator. Packages should use the entry
-    point instead. A built-in or already registered name is refused."""
+    point instead. A name that a built-in, an installed entry point or an earlier
+    ``register()`` already has is refused."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise PluginError(f"{cls!r} has no `name` to register under")
-    if name in BUILTINS or name in _REGISTERED:
+    if name in BUILTINS or name in _REGISTERED or name in _entry_points():
         raise PluginError(f"a plugin named {name!r} already exists; choose another name")
     _REGISTERED[name] = _check_plugin_class(name, cls, "register()")
     get_plugin.cache_clear()
@@ -181,34 +189,62 @@ def unregister(name: str) -> None:
     get_plugin.cache_clear()
 
 
+def _missing_builtins_error(name: str) -> PluginError:
+    return PluginError(
+        f"cannot find plugin {name!r}: mtlhooks' built-in plugins are entry points of its "
+        "installed distribution, and none were found (mtlhooks imported from a source tree "
+        "that is not installed, or installed before the entry points existed). Install it: "
+        "`pip install -e .` in the repository (or `pip install mtlhooks`)."
+    )
+
+
 @functools.cache
 def get_plugin(name: str) -> PluginInfo:
-    """Find a plugin by name; :class:`ConfigError` lists the known names when none matches."""
+    """Find a plugin by name; :class:`ConfigError` lists the known names when none matches.
+
+    :raises PluginError: when two providers claim ``name`` (a third-party package and a built-in,
+        or two packages): choosing one would be a guess.
+    """
+    candidates = _entry_points().get(name, [])
+    providers = [*(["mtlhooks (built-in)"] if name in BUILTINS else []), *map(_source, candidates)]
+    if len(providers) > 1:
+        raise PluginError(
+            f"plugin name {name!r} is claimed by {len(providers)} providers: "
+            f"{'; '.join(providers)}. Uninstall one of the packages, or ask its author to rename "
+            "the plugin."
+        )
     if name in BUILTINS:
         return PluginInfo(name, _load(BUILTINS[name], name, "builtin"), "builtin")
     if name in _REGISTERED:
         return PluginInfo(name, _REGISTERED[name], "register()")
-    entry_point = _entry_points().get(name)
-    if entry_point is None:
+    if not candidates:
+        if not BUILTINS:
+            raise _missing_builtins_error(name)
         names = plugin_names()
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"unknown plugin {name!r}; {hint}known plugins: {', '.join(sorted(names))}"
+            f"unknown plugin {name!r}; {hint}known plugins: {', '.join(sorted(names))} (a plugin "
+            "just added to a pyproject.toml is found once its package is installed again)"
         )
-    dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
-    source = f"entry point {entry_point.value} ({dist})"
+    (entry_point,) = candidates
+    source = _source(entry_point)
     try:
-        cls = _check_plugin_class(name, entry_point.load(), source)
+        loaded = entry_point.load()
     except ImportError as error:
         raise PluginError(f"cannot load plugin {name!r} from {source}: {error}") from error
-    return PluginInfo(name, cls, source)
+    return PluginInfo(name, _check_plugin_class(name, loaded, source), source)
 
 
 def plugin_names() -> list[str]:
     """Every name a config may use: built-ins, registered classes, installed entry points."""
-    extra = sorted(set(_REGISTERED) | set(_entry_points()))
+    extra = sorted((set(_REGISTERED) | set(_entry_points())) - set(BUILTINS))
     return list(BUILTINS) + extra
+
+
+def builtin_plugins() -> list[PluginInfo]:
+    """The built-in plugins, loaded and checked, in their declaration order."""
+    return [get_plugin(name) for name in BUILTINS]
 
 
 def available_plugins() -> list[PluginInfo]:

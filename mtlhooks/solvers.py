@@ -26,30 +26,39 @@ Conventions used throughout:
   batched solve and keeping the best feasible candidate: no iteration and no host
   synchronisation at all. Larger ones use block principal pivoting with one batched linear
   solve per pivot and one host synchronisation (the convergence test) per pivot.
-* float16 / bfloat16 inputs are solved in float32 and cast back (the LAPACK kernels have no
-  half-precision path).
+* Every problem is solved in float64 (:func:`working_dtype`; float32 on MPS) and the result
+  cast back to the input's dtype.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from mtlhooks.errors import SolverError
+from mtlhooks.method import check_gramian, is_finite, mean, nan_weights
 
 __all__ = [
     "cosine_from_gramian",
     "default_ridge",
     "dual_cone_qp",
+    "equal_projection_weights",
+    "fair_weights",
+    "fair_weights_or_fallback",
     "gramian_scales",
+    "input_eps",
     "min_norm_weights",
+    "nonnegative_qp",
     "normalize_gramian",
     "penalized_simplex_weights",
     "project_onto_simplex",
+    "psd_cosine",
     "psd_pinv_solve",
+    "rank_rtol",
     "regularized_solve",
     "simplex_qp",
     "working_dtype",
@@ -58,30 +67,43 @@ __all__ = [
 # Backup budget of the block principal pivoting method (Júdice & Pires 1994): how many
 # non-improving full exchanges are tried before falling back to single (Murty) exchanges.
 _BPP_BACKUP = 3
+# Block pivots tried before the problems still open switch to the monotone active-set method.
+_BPP_ATTEMPTS = 6
+# Relative accuracy to which Nash-MTL's and FairGrad's equations must provably hold (their
+# residual plus the rounding error of (Gw)ᵢ) for weights to be returned when rounding keeps
+# Newton's method from reaching the requested tolerance.
+_VERIFIED = 1e-4
 # Largest number of face systems (batch × faces) solved at once by enumeration.
 _ENUMERATION_LIMIT = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
 _GATHER_MIN_TASKS = 16
 
 
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype solvers compute in: ``dtype`` itself, or float32 for half precisions."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    if not dtype.is_floating_point:
-        return torch.get_default_dtype()
-    return dtype
+def working_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype solvers compute in: float64 whatever the input (float32 on MPS, which has no
+    float64). The problems are T×T, so the cost is nil, and float32's seven digits are not enough
+    for the active-set decisions and Newton steps of ill-conditioned Gramians (gradient norms
+    spread over many orders of magnitude); results are cast back to the input's dtype."""
+    return torch.float32 if tensor.device.type == "mps" else torch.float64
+
+
+def input_eps(tensor: Tensor) -> float:
+    """Machine epsilon of the input's own dtype: the relative precision of the Gramian itself,
+    which bounds what rank decisions (pseudo-inverses, truncated eigendecompositions) can
+    resolve."""
+    dtype = tensor.dtype if tensor.dtype.is_floating_point else torch.get_default_dtype()
+    return float(torch.finfo(dtype).eps)
 
 
 def default_ridge(dtype: torch.dtype) -> float:
-    """Relative ridge added to the cosine matrix by the QP solvers: ``eps(dtype)^0.625``.
+    """Relative ridge added to the cosine matrix by the QP solvers: ``eps(dtype)^0.625``
+    (``dtype``: the working dtype; about 1.6e-10 in float64).
 
     Large enough to make every principal submatrix of ``Ĝ + εI`` safely positive definite after
-    rounding (``Ĝ`` computed from a float Jacobian can be indefinite at the level
-    ``T·eps``), small enough that the active set it selects is that of the original problem
-    up to ties at the level ``ε``.
+    rounding (an indefiniteness beyond it is removed first, :func:`psd_cosine`), small enough
+    that the active set it selects is that of the original problem up to ties at the level ``ε``.
     """
-    return float(torch.finfo(working_dtype(dtype)).eps) ** 0.625
+    return float(torch.finfo(dtype).eps) ** 0.625
 
 
 def gramian_scales(gramian: Tensor) -> Tensor:
@@ -155,10 +177,29 @@ class _Scaled(NamedTuple):
     ridge: float  # ε
 
 
-def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
+def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The cosine matrix ``Ĝ = S⁻¹GS⁻¹``, the safe scales S (zero gradients: scale 1 and a
+    zero row) and the shift σ ≥ 0: ``Ĝ`` is shifted by ``σ = −λ_min`` when rounding has made it
+    indefinite.
+
+    A Gramian computed in float32 (or from a float32 Jacobian) has eigenvalues down to about
+    ``−T·eps32`` relative where the exact one has zeros; treated as the positive semi-definite
+    matrix it stands for, it is exact to its own precision. Costs one Cholesky factorisation
+    (and one ``eigvalsh`` only when the matrix is indefinite).
+    """
     scales = gramian_scales(gramian)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     cosine = gramian / safe.unsqueeze(-1) / safe.unsqueeze(-2)
+    eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
+    _, info = torch.linalg.cholesky_ex(cosine + default_ridge(gramian.dtype) * eye)
+    if bool(info == 0):
+        return cosine, safe, 0.0
+    shift = -min(float(torch.linalg.eigvalsh(cosine)[0]), 0.0)
+    return cosine + shift * eye, safe, shift
+
+
+def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
+    cosine, safe, _ = psd_cosine(gramian)
     eps = default_ridge(gramian.dtype) if ridge is None else ridge
     eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
     tol = 64 * gramian.shape[-1] * float(torch.finfo(gramian.dtype).eps)
@@ -333,6 +374,7 @@ def _solve_lcp(
     unit: Tensor | None,
     batch: int,
     name: str,
+    start: Tensor | None = None,
 ) -> Tensor:
     """``min ½βᵀĜβ + cᵀβ`` s.t. ``β ≥ l`` (and ``aᵀβ = 1``), for B problems sharing Ĝ.
 
@@ -348,17 +390,30 @@ def _solve_lcp(
     num_faces = 2**num - (0 if unit is None else 1)
     if linear is None and batch * num_faces <= _ENUMERATION_LIMIT:
         return _enumerate_faces(problem, lower, unit)
-    if unit is None:
+    if start is not None:
+        free = start  # a warm start: the free set of a nearby problem
+    elif unit is None:
         # start from every bound active: β = l, multipliers Ĝl + c
-        start = lower if lower is not None else torch.zeros(batch, num).to(matrix)
-        multipliers = start @ matrix
-        scale = start.abs() @ matrix.abs()
+        bound = lower if lower is not None else torch.zeros(batch, num).to(matrix)
+        multipliers = bound @ matrix
+        scale = bound.abs() @ matrix.abs()
         if linear is not None:
             multipliers, scale = multipliers + linear, scale + linear.abs()
         free = multipliers < -problem.tol * scale
     else:
         free = torch.ones(batch, num, dtype=torch.bool, device=matrix.device)
-    free, beta = _pivot_until_optimal(problem, free, lower, linear, unit, name)
+    free, beta, solved = _pivot_until_optimal(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
+    if not bool(solved.all()):
+        rest = (~solved).nonzero().squeeze(-1)
+        rest_free, rest_beta = _descend_faces(
+            problem,
+            beta[rest],
+            None if lower is None else lower[rest],
+            None if linear is None else linear[rest],
+            unit,
+            name,
+        )
+        free, beta = free.index_copy(0, rest, rest_free), beta.index_copy(0, rest, rest_beta)
     return _polish(problem, free, beta, lower, linear, unit)
 
 
@@ -444,42 +499,133 @@ def _pivot_until_optimal(
     lower: Tensor | None,
     linear: Tensor | None,
     unit: Tensor | None,
-    name: str,
-) -> tuple[Tensor, Tensor]:
-    """Block principal pivoting from ``free``: the optimal faces and their points.
+    attempts: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Block principal pivoting from ``free`` for at most ``attempts`` pivots.
 
-    Problems that are solved leave the batch, so later pivots only solve the others.
+    Returns the faces and points of every problem (B, T) and a (B,) mask of those solved;
+    the others hold their last face point. Problems that are solved leave the batch, so later
+    pivots only solve the others.
     """
     matrix = problem.regularized
     abs_matrix = matrix.abs()
     batch, num = free.shape
     final_free = free.clone()
     final_beta = torch.empty_like(free, dtype=matrix.dtype)
+    solved = torch.zeros(batch, dtype=torch.bool, device=matrix.device)
     pending = torch.arange(batch, device=matrix.device)
     best_count = torch.full((batch,), num + 1, device=matrix.device)
     backup = torch.full((batch,), _BPP_BACKUP, device=matrix.device)
-    for _ in range(_max_pivots(num)):
+    for _ in range(attempts):
         point = _face_points(matrix, free, lower, linear, unit, definite=True)
         infeasible = _violations(point, free, abs_matrix, lower, linear, unit, problem.tol)
         if unit is not None:
             # a face without a solution (the empty face of the simplex): free everything
             infeasible = infeasible | (~point.valid & ~free)
         open_ = infeasible.any(-1)
+        final_free[pending] = free
+        final_beta[pending] = point.beta
         num_open = int(open_.sum())
         if num_open < open_.shape[0]:
-            done = ~open_
-            final_free[pending[done]] = free[done]
-            final_beta[pending[done]] = point.beta[done]
+            solved[pending[~open_]] = True
             if num_open == 0:
-                return final_free, final_beta
+                break
             pending, free, infeasible = pending[open_], free[open_], infeasible[open_]
             best_count, backup = best_count[open_], backup[open_]
             lower = None if lower is None else lower[open_]
             linear = None if linear is None else linear[open_]
         free, best_count, backup = _pivot(free, infeasible, best_count, backup)
+    return final_free, final_beta, solved
+
+
+def _descend_faces(
+    problem: _Scaled,
+    start: Tensor,
+    lower: Tensor | None,
+    linear: Tensor | None,
+    unit: Tensor | None,
+    name: str,
+) -> tuple[Tensor, Tensor]:
+    """Primal active-set method with block additions (Lawson & Hanson's NNLS method, "Solving
+    Least Squares Problems", 1974, ch. 23, generalised to bounds, a linear term and the simplex
+    equality), for B problems sharing the ridge-regularised Ĝ: the optimal faces and points.
+
+    The iterate β stays feasible. Each iteration solves the current face's equality-constrained
+    problem once (one batched solve for all open problems): when that minimiser is feasible
+    it becomes the iterate and the coordinates whose multipliers are significantly negative are
+    freed (all of them; only the most negative one after an addition that the line search undid
+    entirely, which is Lawson & Hanson's rule and always makes progress); otherwise the iterate
+    moves towards it until a bound is hit and the coordinates that hit one are fixed. The
+    objective decreases strictly at every addition, so no face is visited twice: the method
+    terminates (unlike block principal pivoting, which cycles on rank-deficient Gramians).
+    Starts from ``start`` (B, T), made feasible (clamped to the bounds; on the simplex, also
+    rescaled onto it).
+    """
+    matrix = problem.regularized
+    abs_matrix = matrix.abs()
+    num = matrix.shape[-1]
+    tol = problem.tol
+    device = matrix.device
+    batch = start.shape[0]
+    bound = torch.zeros_like(start) if lower is None else lower
+    beta = torch.maximum(start, bound)
+    if unit is not None:
+        total = (beta * unit).sum(-1, keepdim=True)
+        uniform = (1.0 / (num * unit)).expand_as(beta)  # the weights wᵢ = 1/T
+        beta = torch.where(total > 0, beta / torch.where(total > 0, total, 1.0), uniform)
+    free = beta > bound
+    single = torch.zeros(batch, dtype=torch.bool, device=device)  # next addition: one index
+    before = free.clone()  # the free set before the last addition
+    final_free = free.clone()
+    final_beta = beta.clone()
+    pending = torch.arange(batch, device=device)
+    limit = _max_pivots(num)
+    for _ in range(limit):
+        point = _face_points(matrix, free, lower, linear, unit, definite=True)
+        target = point.beta
+        size = torch.maximum(target.abs(), bound.abs()).amax(-1, keepdim=True)
+        below = free & (target < bound - tol * size)
+        blocked = below.any(-1)
+        # line search from the feasible iterate towards the face minimiser
+        gap = (beta - bound).clamp_min(0)
+        step_to = torch.where(below, gap / torch.where(below, gap + bound - target, 1.0), 2.0)
+        step = step_to.amin(-1, keepdim=True).clamp(0.0, 1.0)
+        hits = below & (step_to <= step * (1 + 4 * tol) + tol)
+        moved = beta + step * (target - beta)
+        moved = torch.where(hits | ~free, bound, torch.maximum(moved, bound))
+        shrunk = free & ~hits
+        # an addition that the line search undid entirely: next time add one index only
+        undone = blocked & ~(shrunk & ~before).any(-1) & (before != free).any(-1)
+        single = single | undone
+        # at a feasible face minimiser: optimal, or free the descent coordinates
+        scale = torch.maximum(target.abs(), bound.abs()) @ abs_matrix
+        if linear is not None:
+            scale = scale + linear.abs()
+        if unit is not None:
+            scale = scale + point.mu.abs() * unit
+        descent = ~free & (point.multipliers < -tol * scale)
+        descent = descent & (point.valid | free.any(-1, keepdim=True))
+        most = torch.where(descent, point.multipliers / scale.clamp_min(1e-300), math.inf)
+        strongest = torch.zeros_like(descent).scatter(-1, most.argmin(-1, keepdim=True), True)
+        add = torch.where(single.unsqueeze(-1), descent & strongest, descent)
+        done = ~blocked & ~descent.any(-1)
+        beta = torch.where(blocked.unsqueeze(-1), moved, target)
+        before = torch.where(blocked.unsqueeze(-1), before, free)
+        free = torch.where(blocked.unsqueeze(-1), shrunk, free | add)
+        single = torch.where(blocked, single, torch.zeros_like(single))
+        if bool(done.any()):
+            final_free[pending[done]] = free[done]
+            final_beta[pending[done]] = beta[done]
+            keep = ~done
+            if not bool(keep.any()):
+                return final_free, final_beta
+            pending, beta, free, bound = pending[keep], beta[keep], free[keep], bound[keep]
+            before, single = before[keep], single[keep]
+            lower = None if lower is None else lower[keep]
+            linear = None if linear is None else linear[keep]
     raise SolverError(
-        f"{name}: active-set method did not terminate after {_max_pivots(num)} pivots; the "
-        "Gramian is probably not positive semi-definite or not finite"
+        f"{name}: active-set method did not terminate after {limit} steps; the Gramian is "
+        "probably not positive semi-definite or not finite"
     )
 
 
@@ -527,7 +673,7 @@ def simplex_qp(
     support. Scaled zero gradients count as unit vectors of norm 1.
     """
     squeeze = linear is None or linear.dim() == 1
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
     problem = _scaled_problem(matrix, ridge)
@@ -579,7 +725,7 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     pivot, on the gathered free sets when T ≥ 16).
     """
     squeeze = lower.dim() == 1
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
     problem = _scaled_problem(matrix, ridge)
@@ -604,7 +750,7 @@ def penalized_simplex_weights(
     with ``p = G_FF⁻¹1``, ``q = G_FF⁻¹c``, ``A = 1ᵀp``, ``B = 1ᵀq``, ``C = cᵀq`` and
     ``D = B² − A(C − r²)``, the conditions ``c + (r/‖g_w‖)Gw = ν1``, ``1ᵀw = 1`` give
     ``ν = (B + √D)/A`` and ``w_F = (νp − q)/√D`` (no stationary point when ``D ≤ 0``). For
-    T ≤ 6 every face is tried at once and the best feasible candidate kept. Above, the
+    T ≤ 8 every face is tried at once and the best feasible candidate kept. Above, the
     optimal face is found by following the QPs ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` (whose
     KKT conditions match the problem's for ``t = ‖g_w‖/r``; ``‖g_{w(t)}‖ − rt`` is strictly
     decreasing, so the root is unique): each QP is solved by block principal pivoting warm
@@ -615,7 +761,7 @@ def penalized_simplex_weights(
     the cosine matrix, i.e. exact for ``G + ε·diag(G)``: the KKT conditions of the original
     problem hold to ``~ε`` relative (~1e-10 in float64).
     """
-    dtype = working_dtype(gramian.dtype)
+    dtype = working_dtype(gramian)
     matrix = gramian.to(dtype)
     num = matrix.shape[-1]
     if num == 1:
@@ -639,7 +785,7 @@ def penalized_simplex_weights(
     problem = _scaled_problem(matrix, ridge)
     unit = problem.scales.reciprocal()
     scaled_linear = linear.to(dtype) * unit
-    if 2**num - 1 <= _ENUMERATION_LIMIT // 2:
+    if 2**num - 1 <= 2 * _ENUMERATION_LIMIT:
         beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
     else:
         beta = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
@@ -692,53 +838,50 @@ def _penalized_by_enumeration(
 
 
 def _penalized_by_homotopy(problem: _Scaled, unit: Tensor, linear: Tensor, radius: float) -> Tensor:
+    """Follow ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` to the root of ``‖g_{w(t)}‖ = r·t``.
+
+    Each QP(t) is solved by :func:`_solve_lcp` (exact, and robust on rank-deficient Gramians);
+    t moves to the root of the closed form on QP(t)'s optimal face when that lies in the
+    current bracket, and to the bracket's midpoint otherwise. At the root, QP(t)'s KKT
+    conditions are the problem's, so the bisection alone converges; the closed form only makes
+    it exact in a step or two. A root at t = 0 (the gradients are Pareto-stationary, so MGDA's
+    point has norm 0) returns the limit t → 0⁺, see :func:`penalized_simplex_weights`.
+    """
     matrix = problem.regularized
     abs_matrix = matrix.abs()
     num = matrix.shape[-1]
     tol = problem.tol
-    free = torch.ones(1, num, dtype=torch.bool, device=matrix.device)
     # ‖g_w‖ ≤ max ‖gᵢ‖, so ‖g_{w(t)}‖ − rt < 0 beyond `high`
     low, high = 0.0, 1.01 * float(problem.scales.max()) / radius
-    t: float | None = None
-    best_count = torch.full((1,), num + 1, device=matrix.device)
-    backup = torch.full((1,), _BPP_BACKUP, device=matrix.device)
-    limit = 4 * _max_pivots(num)
-    for _ in range(limit):
-        beta, nu, root, valid, both = _penalized_face_candidates(matrix, free, unit, linear, radius)
+    everything = torch.ones(1, num, dtype=torch.bool, device=matrix.device)
+    _, _, root, valid, _ = _penalized_face_candidates(matrix, everything, unit, linear, radius)
+    guess = 1.0 / float(root) if bool(valid.all()) else math.nan
+    t = guess if low < guess < high else high / 2
+    best: Tensor | None = None
+    support: Tensor | None = None
+    for _ in range(200):
+        scaled = t * linear.unsqueeze(0)
+        qp = _solve_lcp(problem, None, scaled, unit, 1, "penalised simplex", start=support)
+        support = qp > tol * qp.abs().amax(-1, keepdim=True)
+        beta, nu, root, valid, _ = _penalized_face_candidates(matrix, support, unit, linear, radius)
         if bool(valid.all()):
             # CAGrad's KKT: c + √D·Ĝβ − νa ≥ 0 off F (√D = r/‖g_w‖)
             candidate = _FacePoint(beta, nu, linear + root * (beta @ matrix) - nu * unit, valid)
-            bad = _violations(candidate, free, abs_matrix * root, None, linear, unit, tol)
+            bad = _violations(candidate, support, abs_matrix * root, None, linear, unit, tol)
             if not bool(bad.any()):
                 return beta[0]
-        p, q = both.unbind(-1)
-        a_p = float((unit * p).sum())
-        a_q = float((unit * q).sum())
-        if t is None:
-            guess = 1.0 / float(root) if bool(valid.all()) else high / 2
-            t = guess if 0 < guess < high else high / 2
-        mu = (1 + t * a_q) / a_p
-        qp_beta = mu * p - t * q
-        multipliers = qp_beta @ matrix + t * linear - mu * unit
-        point = _FacePoint(qp_beta, torch.full_like(p[:, :1], mu), multipliers, valid)
-        infeasible = _violations(point, free, abs_matrix, None, t * linear, unit, tol)
-        if bool(infeasible.any()):
-            free, best_count, backup = _pivot(free, infeasible, best_count, backup)
-            continue
-        # the face is optimal for QP(t): tighten the bracket and move t
-        norm = float(((point.beta @ matrix) * point.beta).sum().clamp_min(0).sqrt())
+        norm = float(((qp @ matrix) * qp).sum().clamp_min(0).sqrt())
         if norm > radius * t:
             low = t
         else:
             high = t
+        best = qp[0]
         guess = 1.0 / float(root) if bool(valid.all()) else math.nan
         t = guess if low < guess < high else 0.5 * (low + high)
-        best_count.fill_(num + 1)
-        backup.fill_(_BPP_BACKUP)
-    raise SolverError(
-        f"norm-penalised simplex problem: no KKT point found after {limit} steps; the Gramian "
-        "is probably not positive semi-definite or not finite"
-    )
+        if high - low <= tol * high:
+            break
+    assert best is not None
+    return best
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -757,20 +900,295 @@ def regularized_solve(matrix: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     return torch.linalg.solve(matrix + ridge * level * eye, rhs)
 
 
+def rank_rtol(num_tasks: int, eps: float) -> float:
+    """Relative eigenvalue below which a T×T Gramian counts as singular: ``64·T·eps``.
+
+    The eigenvalues of a Gramian are the squared singular values of its gradients; rounding
+    the Gramian (relative ``eps``) moves them by about ``T·eps·λ_max``, so a rank decision at
+    that level flips with the last bits of G (a common scale of G changes them): the margin 64
+    makes it scale-invariant in practice. Directions whose singular values are below
+    ``√(64·T·eps) ≈ 2e-6`` (float64, T = 4) of the largest cannot be resolved from G.
+    """
+    return 64 * num_tasks * eps
+
+
 def psd_pinv_solve(matrix: Tensor, rhs: Tensor, *, rtol: float | None = None) -> Tensor:
     """Minimum-norm least-squares solution ``A⁺ b`` of a symmetric PSD system, via ``eigh``.
 
-    Eigenvalues at or below ``rtol · λ_max`` are treated as zero (default rtol
-    ``T · eps(dtype)``, the numpy/LAPACK rank convention).
+    Eigenvalues at or below ``rtol · λ_max`` are treated as zero (default
+    :func:`rank_rtol` at the input's precision), and so are the components of ``b`` along an
+    eigenvector that are within the rounding error of ``Vᵀb`` (``T·eps·‖b‖``): ``b`` is then
+    orthogonal to it, and dividing noise by its eigenvalue would make the answer depend on the
+    last bits of the matrix.
     """
-    dtype = working_dtype(matrix.dtype)
+    dtype = working_dtype(matrix)
     values, vectors = torch.linalg.eigh(matrix.to(dtype))
     num = matrix.shape[-1]
-    threshold = (num * torch.finfo(dtype).eps if rtol is None else rtol) * values.amax(
-        -1, keepdim=True
-    ).clamp_min(0)
+    relative = rank_rtol(num, input_eps(matrix)) if rtol is None else rtol
+    threshold = relative * values.amax(-1, keepdim=True).clamp_min(0)
     keep = values > threshold
     inverse = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), 0.0)
-    coefficients = (vectors.transpose(-2, -1) @ rhs.to(dtype).unsqueeze(-1)).squeeze(-1)
+    right = rhs.to(dtype)
+    coefficients = (vectors.transpose(-2, -1) @ right.unsqueeze(-1)).squeeze(-1)
+    # components of b within the rounding of Vᵀb are noise: b ⊥ that eigenvector
+    noise = num * input_eps(matrix) * right.norm(dim=-1, keepdim=True)
+    coefficients = torch.where(coefficients.abs() > noise, coefficients, 0.0)
     result = (vectors @ (inverse * coefficients).unsqueeze(-1)).squeeze(-1)
     return result.to(matrix.dtype)
+
+
+def equal_projection_weights(gramian: Tensor) -> Tensor:
+    """``z/s`` with ``z = Ĝ⁺1`` on the non-zero gradients (0 on zero ones), in the working dtype.
+
+    ``Σ zᵢuᵢ`` (``uᵢ = gᵢ/‖gᵢ‖``) is the combination of the unit gradients whose projection
+    on every ``uᵢ`` is 1 — exactly when they are linearly independent, in the least-squares
+    sense otherwise — so ``d = Σ (zᵢ/sᵢ) gᵢ`` has equal projections on all unit gradients:
+    ConFIG's direction and IMTL-G's weights before their normalisations. The pseudo-inverse
+    decides the rank at :func:`rank_rtol` of the input's precision, so that the result does not
+    depend on a common scale of G (Liu et al. 2021 assume independent gradients; TorchJD's
+    generalisation, arXiv 2406.16232, uses the pseudo-inverse as well).
+    """
+    matrix = gramian.to(working_dtype(gramian))
+    scales = gramian_scales(matrix)
+    nonzero = scales > 0
+    cosine = normalize_gramian(matrix, scales)
+    rtol = rank_rtol(matrix.shape[-1], input_eps(gramian))
+    coefficients = psd_pinv_solve(cosine, nonzero.to(matrix.dtype), rtol=rtol)
+    return torch.where(nonzero, coefficients / torch.where(nonzero, scales, 1.0), 0.0)
+
+
+# --------------------------------------------------------------------------- CAGrad, IMGrad
+
+
+def worst_case_weights(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
+    """``argmin_{w ∈ Δ} wᵀb + r‖Σ wᵢ gᵢ‖`` (the inner problem of CAGrad and IMGrad).
+
+    Solved exactly by :func:`mtlhooks.solvers.penalized_simplex_weights` (closed form per face,
+    KKT to ~1e-10 relative in float64). With ``r = 0`` the problem is linear: the answer is
+    the uniform distribution over the minimisers of ``b`` (ties within rounding).
+    """
+    num_tasks = gramian.shape[0]
+    if radius <= 0:
+        ties = linear <= linear.min() + 4 * num_tasks * torch.finfo(linear.dtype).eps * (
+            linear.abs().max()
+        )
+        return ties.to(linear.dtype) / ties.sum()
+    return penalized_simplex_weights(gramian, linear, radius)
+
+
+def cancellation_level(gramian: Tensor) -> float:
+    """Relative size below which ``‖Σ wᵢgᵢ‖`` computed from G is rounding: ``8T√eps``."""
+    return 8 * gramian.shape[0] * float(torch.finfo(gramian.dtype).eps) ** 0.5
+
+
+def conflict_averse_weights(
+    gramian: Tensor, weights: Tensor, coefficient: float, norm_mean: float
+) -> Tensor:
+    """CAGrad's update ``(g₀ + (c‖g₀‖/‖g_w‖) g_w) / (1 + c²)`` as weights on the gradients.
+
+    Where ``g_w`` vanishes (to the rounding of ``Σ wᵢgᵢ``: the gradients are Pareto-stationary,
+    or a task's gradient is zero) that formula is undefined, and the inner problem only
+    locates ``w`` to ~√eps, so ``g_w``'s direction is noise. The problem's optimal value is then
+    0 and its optimal updates are the non-conflicting points of the ball: the one closest to
+    ``g₀`` is taken, the projection of ``g₀`` onto the dual cone (DualProj's update, inside the
+    ball by duality), scaled by ``1/(1 + c²)`` like the regular update.
+    """
+    num_tasks = gramian.shape[0]
+    norm_w = float((weights @ gramian @ weights).clamp_min(0).sqrt())
+    scale = float((gramian_scales(gramian) * weights.abs()).sum())
+    base = torch.full_like(weights, 1.0 / num_tasks)
+    if norm_mean == 0:
+        return base / (1 + coefficient**2)
+    if norm_w <= cancellation_level(gramian) * scale:
+        return dual_cone_qp(gramian, base) / (1 + coefficient**2)
+    return (base + coefficient * norm_mean / norm_w * weights) / (1 + coefficient**2)
+
+
+def mean_gradient(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The Gramian in the working dtype, the mean's weights 1/T and the mean gradient's norm."""
+    matrix = gramian.to(working_dtype(gramian))
+    uniform = mean(matrix)
+    return matrix, uniform, float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
+
+
+# --------------------------------------------------------------------------- Nash-MTL, FairGrad
+
+
+def fair_weights(
+    gramian: Tensor, power: float, max_iter: int, tol: float | None, name: str
+) -> Tensor:
+    """Solve ``(Gw)ᵢ = wᵢ^{-1/power}``, ``w > 0``, by a damped Newton method in log space.
+
+    The equations are the stationarity conditions of the strictly convex potential
+    ``Φ(w) = ½wᵀGw − Σ φ(wᵢ)`` with ``φ'(w) = w^{-1/power}``. In scaled coordinates
+    ``β = S w`` they read ``(Ĝβ)ᵢ = κᵢ βᵢ^{-p}`` with ``p = 1/power`` and
+    ``κᵢ = sᵢ^{p − 1}`` (``κ = 1`` for Nash-MTL), so the iteration only sees the cosines.
+
+    Iterates stay positive by construction, ``βᵢ = e^{uᵢ}``: the step is Newton's step on Φ
+    expressed in u (``(DHD)Δu = D∇Φ`` with ``D = diag(β)``, which also equilibrates the
+    system), moved along ``β·e^{−tΔu}``, a descent curve for Φ; t is found by Armijo
+    backtracking on Φ, and a step that lowers the largest relative residual is accepted as well
+    (near the solution Φ's decrease drowns in rounding). The start is the solution for
+    orthogonal gradients, ``βᵢ = κᵢ^{1/(1+p)}``, rescaled to the best multiple along that ray.
+    Stops when every relative residual ``|(Ĝβ)ᵢβᵢᵖ/κᵢ − 1|`` is at most ``tol`` or at the
+    rounding floor of ``(Ĝβ)ᵢ``; the weights are returned only when the residual plus the
+    rounding error of ``(Ĝβ)ᵢ`` (relative) is within ``max(tol, 1e-4)``, i.e. when they
+    provably solve the equations (near Pareto-stationarity ``(Ĝβ)ᵢ`` is a cancellation, and a
+    small computed residual proves nothing). Otherwise :class:`SolverError`, as when no
+    solution exists at all.
+    """
+    check_gramian(gramian)
+    if not is_finite(gramian):
+        return nan_weights(gramian)
+    dtype = working_dtype(gramian)
+    matrix = gramian.to(dtype)
+    scales = gramian_scales(matrix)
+    if not bool((scales > 0).all()):
+        raise SolverError(
+            f"{name}: a task gradient is zero, so (Gw)ᵢ = wᵢ^(-1/α) has no solution; drop the "
+            "task or use a method that tolerates zero gradients (mgda, upgrad)"
+        )
+    if tol is None:
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+    num = matrix.shape[0]
+    eps = float(torch.finfo(dtype).eps)
+    verified = max(_VERIFIED, eps**0.5)
+    output_eps = input_eps(gramian)
+    cosine, _, shift_psd = psd_cosine(matrix)
+    abs_cosine = cosine.abs()
+    p = 1.0 / power
+    log_kappa = (p - 1.0) * scales.log()
+    shift = float(log_kappa.max())
+    kappa = (log_kappa - shift).exp()  # κ / max κ: a common factor, undone below
+
+    def potential(beta: Tensor, log_beta: Tensor) -> float:
+        if p == 1.0:
+            barrier = (kappa * log_beta).sum()
+        else:
+            barrier = (kappa * beta ** (1 - p)).sum() / (1 - p)
+        return float(0.5 * beta @ cosine @ beta - barrier)
+
+    log_beta = (kappa.log() / (1 + p)).clone()
+    beta = log_beta.exp()
+    curvature = float(beta @ cosine @ beta)
+    if curvature > 0:
+        push = float((kappa * beta ** (1 - p)).sum())
+        log_beta = log_beta + math.log(push / curvature) / (1 + p)
+        beta = log_beta.exp()
+    value = potential(beta, log_beta)
+    converged = False
+    for _ in range(max_iter):
+        product = cosine @ beta
+        target = kappa * beta ** (-p)
+        gradient = product - target
+        residual = gradient / target
+        worst = float(residual.abs().max())
+        # (Ĝβ)ᵢ is only known to its rounding error (at most T·eps·(|Ĝ|β)ᵢ, relative ρᵢ): stop
+        # at tol or at that floor, and accept when the residual plus ρ is within
+        # max(tol, `verified`) (near Pareto-stationarity (Ĝβ)ᵢ is a cancellation: ρ is large
+        # and a small computed residual proves nothing)
+        rounding = num * eps * (abs_cosine @ beta)
+        floor = bool((gradient.abs() <= 8 * rounding).all())
+        if worst <= tol or floor:
+            # what (Gw)ᵢ can be trusted to: rounding here, the indefiniteness removed from Ĝ
+            # and the rounding of the weights to the output's dtype
+            doubt = rounding + shift_psd * beta + output_eps * (abs_cosine @ beta)
+            bound = worst + float((doubt / product.abs().clamp_min(1e-300)).max())
+            converged = bound <= max(tol, verified)
+            break
+        # Newton on the convex potential Φ, written in u: (DHD)Δu = D∇Φ
+        system = beta.unsqueeze(1) * cosine * beta + torch.diag(p * target * beta)
+        step, info = torch.linalg.solve_ex(system, beta * gradient)
+        if bool(info != 0) or not bool(torch.isfinite(step).all()):
+            break
+        slope = float((beta * gradient) @ step)  # −dΦ/dt at t = 0
+        size = min(1.0, 10.0 / max(float(step.abs().max()), 1e-300))
+        noise = 64 * eps * (abs(value) + float(beta @ abs_cosine @ beta))
+        for _ in range(60):
+            candidate_log = log_beta - size * step
+            candidate = candidate_log.exp()
+            new_value = potential(candidate, candidate_log)
+            if new_value <= value - 1e-4 * size * slope:
+                break
+            if new_value <= value + noise:
+                # Φ's decrease is below its rounding: judge by the residual instead
+                new_target = kappa * candidate ** (-p)
+                new_worst = float(((cosine @ candidate - new_target) / new_target).abs().max())
+                if new_worst < worst:
+                    break
+            size /= 2
+        log_beta, beta, value = candidate_log, candidate, new_value
+        if not math.isfinite(value) or float(log_beta.abs().max()) > 200:
+            break
+    if not converged:
+        raise SolverError(
+            f"{name}: no weights verified to solve (Gw)ᵢ = wᵢ^(-1/α) within tol = {tol} in "
+            f"{max_iter} Newton iterations: the gradients are Pareto-stationary (some "
+            "nonnegative combination of them vanishes), or so nearly that (Gw)ᵢ is lost in "
+            "rounding, and no solution exists to working precision"
+        )
+    # undo the normalisation of κ: β solves (Ĝβ) = (κ/m) β^{-p}, so m^{1/(1+p)}β solves the
+    # original equations, with log m = shift
+    weights = ((log_beta + shift / (1 + p)).exp() / scales).to(gramian.dtype)
+    if not bool(((weights > 0) & (weights < math.inf)).all()):
+        raise SolverError(
+            f"{name}: the weights leave the range of {gramian.dtype} (gradient norms spread "
+            "too widely for it); pass the Gramian in float64"
+        )
+    return weights
+
+
+def fair_weights_or_fallback(
+    gramian: Tensor,
+    power: float,
+    max_iter: int,
+    tol: float | None,
+    name: str,
+    tasks: Sequence[str] | None = None,
+) -> tuple[Tensor, str | None]:
+    """:func:`fair_weights`, or where they do not exist (or cannot be verified) a defined
+    update, with a remark saying which: ``(weights, remark)``, remark ``None`` when solved.
+
+    - Tasks whose gradient is zero have no progress to bargain for: weight 0, and the
+      equations are solved for the others.
+    - Otherwise (the gradients are Pareto-stationary: a nonnegative combination of them
+      vanishes, or nearly, up to rounding) MGDA's min-norm weights: a convex combination whose
+      update on the shared parameters is (close to) zero, the limit the bargaining solution
+      diverges towards; the task-specific parameters still get those weights.
+    """
+    try:
+        return fair_weights(gramian, power, max_iter, tol, name), None
+    except SolverError as error:
+        failure = str(error).removeprefix(f"{name}: ")
+    names = list(tasks) if tasks is not None else [str(i) for i in range(gramian.shape[0])]
+    zero = gramian_scales(gramian.to(working_dtype(gramian))) == 0
+    if bool(zero.any()) and not bool(zero.all()):
+        keep = (~zero).nonzero().squeeze(-1)
+        partial, remark = fair_weights_or_fallback(
+            gramian[keep][:, keep], power, max_iter, tol, name, [names[i] for i in keep]
+        )
+        weights = torch.zeros_like(gramian[0]).index_copy(0, keep, partial)
+        dropped = [names[i] for i in zero.nonzero().squeeze(-1).tolist()]
+        note = f"{name}: zero gradient for task(s) {dropped}: weight 0"
+        return weights, note if remark is None else f"{note}; {remark}"
+    return min_norm_weights(gramian), (
+        f"{name}: {failure}; used MGDA's min-norm weights (the update on the shared parameters "
+        "is ~0 where the gradients are Pareto-stationary)"
+    )
+
+
+def nonnegative_qp(matrix: Tensor, linear: Tensor, *, ridge: float | None = None) -> Tensor:
+    """Solve ``min_{x ≥ 0} ½ xᵀMx + cᵀx`` for a positive semi-definite M (the dual of a
+    projection onto a polyhedron given by its Gramian, as in PCD).
+
+    Same machinery as :func:`dual_cone_qp` (scaled coordinates, block pivoting then the
+    monotone active-set method, a polishing solve). Where the problem is unbounded below (the
+    primal polyhedron is empty) the ridge keeps the answer finite but large: callers check the
+    primal constraints.
+    """
+    dtype = working_dtype(matrix)
+    square = matrix.to(dtype)
+    problem = _scaled_problem(square, ridge)
+    scaled_linear = (linear.to(dtype) / problem.scales).unsqueeze(0)
+    beta = _solve_lcp(problem, None, scaled_linear, None, 1, "nonnegative QP")
+    return (beta[0].clamp_min(0) / problem.scales).to(matrix.dtype)

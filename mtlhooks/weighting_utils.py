@@ -31,6 +31,7 @@ from mtlhooks.plugin import Plugin
 from mtlhooks.step import Step
 
 __all__ = [
+    "LOG_WEIGHT_BOUND",
     "LearnablePlugin",
     "check_lower_bound",
     "effective_losses",
@@ -38,6 +39,11 @@ __all__ = [
     "softmax_with_temperature",
     "statistics_dtype",
 ]
+
+
+LOG_WEIGHT_BOUND = 80.0
+"""Largest |s| for a learnable log-weight's initial value: e^{±80} ≈ 5.5e34 still leaves room
+below float32's 3.4e38 (the learnable vectors are float32), so the first weights are finite."""
 
 
 def effective_losses(step: Step) -> Tensor:

@@ -2,7 +2,8 @@
 
 The generated matrices deliberately include the degenerate cases aggregators must survive: a
 single task, zero gradients, duplicated (or exactly opposite) gradients, rank deficiency, and
-per-task scales spread from 1e-12 to 1e12. Entries come from a seeded torch generator so that
+per-task scales spread from 1e-12 to 1e12; :func:`family_gramians` draws the hard families of
+``families.py`` (the inputs that broke solvers). Entries come from a seeded torch generator so that
 examples are cheap to draw; the structure (sizes, kinds, edits, exponents) is drawn by
 hypothesis so that it shrinks to readable cases.
 """
@@ -10,6 +11,7 @@ hypothesis so that it shrinks to readable cases.
 from __future__ import annotations
 
 import torch
+from families import FAMILIES, family_gramian
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -89,3 +91,20 @@ def gramians(draw: st.DrawFn, **kwargs: object) -> Tensor:
 
 scale_factors = st.sampled_from([1e-8, 0.3, 4.0, 7.0, 1e8])
 """Common factors c for ``G → cG`` (powers of 4 are exact in binary, the others are not)."""
+
+
+@st.composite
+def family_gramians(
+    draw: st.DrawFn,
+    *,
+    families: tuple[str, ...] = FAMILIES,
+    min_tasks: int = 2,
+    max_tasks: int = 12,
+) -> Tensor:
+    """A Gramian of one of the hard families of ``families.py`` (rank-deficient,
+    near-collinear, anti-parallel, extreme norm spreads, float32, slightly indefinite,
+    Pareto-stationary), in the dtype the family hands to a method."""
+    family = draw(st.sampled_from(families))
+    num_tasks = draw(st.integers(min_tasks, max_tasks))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return family_gramian(family, num_tasks, seed)

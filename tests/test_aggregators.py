@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from test_functional import graddrop_by_hand
 
 from mtlhooks import MTL, Space, functional
 from mtlhooks.cli import main
@@ -34,7 +35,7 @@ def fresh_generator(seed: int = 0) -> torch.Generator:
 REFERENCE_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cagrad": lambda g: functional.cagrad(g, c=0.4),
     "imgrad": lambda g: functional.imgrad(g, alpha=0.8),
-    "imtl_g": lambda g: functional.imtl_g(g, eps=1e-8),
+    "imtl_g": functional.imtl_g,
     "aligned_mtl": functional.aligned_mtl,
     "nash_mtl": functional.nash_mtl,
     "fairgrad": lambda g: functional.fairgrad(g, alpha=1.0),
@@ -270,14 +271,117 @@ def test_fairgrad_solves_its_fairness_equations(problem):
     assert_grads_close(problem.grads(), reference_grads(problem, weights))
 
 
-def test_nash_mtl_failure_is_reported_and_nothing_is_written(problem):
-    """A task without gradient has no bargaining solution: an error, never substitute weights."""
-    mtl = build(problem, "nash_mtl")
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_bargaining_failure_raises_on_request_and_nothing_is_written(problem, name):
+    """if_undefined: raise — a task without gradient has no solution: an error, no weights."""
+    mtl = build(problem, {"name": name, "if_undefined": "raise"})
     _, losses = problem.losses()
     losses["b"] = losses["b"] * 0.0
-    with pytest.raises(SolverError, match="nash_mtl"):
+    with pytest.raises(SolverError, match=name):
         mtl.backward(losses)
     assert all(p.grad is None for p in problem.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_a_zero_gradient_task_gets_weight_zero_and_the_others_bargain(problem, name):
+    jac = jacobian(problem, Space.PARAMS)
+    mtl = build(problem, name, Space.PARAMS)
+    _, losses = problem.losses()
+    losses["b"] = losses["b"] * 0.0
+    report = mtl.backward(losses)
+    kept = torch.tensor([0, 2])
+    expected = functional.nash_mtl((jac @ jac.T)[kept][:, kept])
+    torch.testing.assert_close(report.weights[kept], expected, rtol=1e-7, atol=0)
+    assert report.weights[1] == 0
+    assert report.notes == (f"{name}: zero gradient for task(s) ['b']: weight 0",)
+    assert_grads_close(problem.grads(), reference_grads(problem, report.weights))
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_pareto_stationary_gradients_get_mgda_weights_and_a_note(problem, name):
+    """Training that converged does not crash: opposite losses have opposite gradients (a
+    vanishing positive combination), so no bargaining solution exists; MGDA's weights make the
+    shared update zero, and the report says so."""
+
+    def opposite(model):
+        z, losses = problem.losses(model)
+        return z, {"a": losses["a"], "b": -losses["a"], "c": losses["c"] * 0.0 - losses["a"]}
+
+    mtl = build(problem, name, Space.PARAMS)
+    _, losses = opposite(problem.model)
+    report = mtl.backward(losses)
+    jac = jacobian(problem, Space.PARAMS, opposite)
+    expected = functional.mgda(jac @ jac.T)
+    torch.testing.assert_close(report.weights, expected, rtol=0, atol=0)
+    assert (report.weights @ jac).norm() <= 1e-9 * jac.norm()
+    (note,) = report.notes
+    assert note.startswith(f"{name}: no weights verified") and "MGDA's min-norm weights" in note
+    assert_grads_close(problem.grads(), reference_grads(problem, report.weights, opposite))
+
+
+def test_imtl_g_without_positive_equal_projections_uses_mgda_and_says_so():
+    """Full-rank gradients whose equal-projection weights sum to < 0: Σα = 1 would flip the
+    update against every task. The functional API raises unless asked to fall back; the
+    plugin falls back to MGDA's weights with a note (or raises on request)."""
+    from mtlhooks.plugin import Setup
+    from mtlhooks.plugins.imtl_g import IMTLG, IMTLGConfig
+    from mtlhooks.step import Step, TaskGradients
+
+    jac = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0], [3.0, -3.0, 2.0]], dtype=torch.float64)
+    gramian = jac @ jac.T
+    with pytest.raises(SolverError, match="summing to ≤ 0"):
+        functional.imtl_g(gramian)
+    torch.testing.assert_close(
+        functional.imtl_g(gramian, if_undefined="mgda"), functional.mgda(gramian)
+    )
+    for option in ("mgda", "raise"):
+        plugin = IMTLG(IMTLGConfig(if_undefined=option), Setup(("a", "b", "c"), Space.PARAMS, 0))
+        step = Step(
+            index=0,
+            tasks=("a", "b", "c"),
+            losses=torch.ones(3, dtype=torch.float64),
+            weights=torch.ones(3, dtype=torch.float64),
+            space=Space.PARAMS,
+            generator=fresh_generator(),
+            gradients=TaskGradients.from_blocks(Space.PARAMS, ["w"], [jac]),
+        )
+        if option == "raise":
+            with pytest.raises(SolverError):
+                plugin.mtl_aggregate(step)
+            continue
+        torch.testing.assert_close(plugin.mtl_aggregate(step), functional.mgda(gramian))
+        (note,) = step.notes
+        assert note.startswith("imtl_g: the equal-projection direction") and "MGDA" in note
+
+
+def test_functional_bargaining_raises_by_default_and_falls_back_on_request():
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    for function in (functional.nash_mtl, functional.fairgrad):
+        with pytest.raises(SolverError, match="Pareto-stationary"):
+            function(opposite)
+        weights = function(opposite, if_undefined="mgda")
+        torch.testing.assert_close(weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_nash_mtl_update_weights_every_reuses_the_last_solution(make_problem, every):
+    problem = make_problem()
+    mtl = build(problem, {"name": "nash_mtl", "update_weights_every": every}, Space.PARAMS)
+    solved = None
+    for index in range(4):
+        problem.zero_grad()
+        with torch.no_grad():
+            for parameter in problem.model.parameters():
+                parameter.mul_(0.9)  # a new Gramian at every step
+        jac = jacobian(problem, Space.PARAMS)
+        report = mtl.backward(problem.losses()[1])
+        if index % every == 0:
+            solved = functional.nash_mtl(jac @ jac.T)
+        assert solved is not None
+        torch.testing.assert_close(report.weights, solved, rtol=1e-9, atol=0)
+    state = mtl.state_dict()["plugins"]
+    (saved,) = state.values()
+    assert saved["count"] == 4
 
 
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.value)
@@ -309,18 +413,6 @@ def test_aligned_mtl_from_the_singular_value_decomposition(problem, space):
 # -- GradDrop ----------------------------------------------------------------------------------
 
 
-def graddrop_by_hand(grads: torch.Tensor, draw: torch.Tensor, leak: float) -> torch.Tensor:
-    """Chen et al. 2020, Alg. 1, coordinate by coordinate for clarity."""
-    combined = torch.zeros(grads.shape[1], dtype=grads.dtype)
-    for k in range(grads.shape[1]):
-        column = grads[:, k]
-        purity = 0.5 * (1 + column.sum() / column.abs().sum())
-        for value in column:
-            kept = (purity > draw[k] and value > 0) or (purity < draw[k] and value < 0)
-            combined[k] += value * (1.0 if kept else leak)
-    return combined
-
-
 @pytest.mark.parametrize("leak", [0.0, 0.25])
 def test_graddrop_matches_masked_combination_by_hand(problem, leak):
     """Features space: the trunk receives the masked combination of the weighted feature
@@ -341,11 +433,13 @@ def test_graddrop_matches_masked_combination_by_hand(problem, leak):
     z_ref, losses_ref = problem.losses(clone)
     grads = torch.stack(
         [torch.autograd.grad(losses_ref[t], z_ref, retain_graph=True)[0] for t in problem.tasks]
-    ).reshape(3, -1)
-    # The pipeline draws float32 uniforms on its (CPU) generator, whatever the gradients' dtype.
-    draw = torch.rand(grads.shape[1], generator=fresh_generator()).double()
-    combined = graddrop_by_hand(grads * weights[:, None], draw, leak)
-    dropped = (combined - (grads * weights[:, None]).sum(0)).abs() > 1e-12
+    )  # (T, batch, features)
+    # The pipeline draws float32 uniforms on its (CPU) generator, whatever the gradients' dtype:
+    # one per feature (non-batch coordinate of z).
+    draw = torch.rand(grads.shape[2], generator=fresh_generator()).double()
+    weighted = grads * weights[:, None, None]
+    combined = graddrop_by_hand(weighted, z_ref.detach(), draw, leak)
+    dropped = (combined - weighted.sum(0)).abs() > 1e-12
     assert bool(dropped.any())  # the draw really dropped something
     trunk = list(clone.encoder.parameters())
     expected_trunk = torch.autograd.grad(
@@ -413,12 +507,14 @@ def test_graddrop_different_seed_different_gradients(make_problem):
     assert not same(run_steps(make_problem, "graddrop", 3), run_steps(make_problem, "graddrop", 4))
 
 
-def test_gradvac_resume_is_bit_for_bit(make_problem):
+@pytest.mark.parametrize("granularity", ["whole_model", "all_layer"])
+def test_gradvac_resume_is_bit_for_bit(make_problem, granularity):
     steps, split = 4, 2
-    through = run_steps(make_problem, "gradvac", seed=5, steps=steps)
+    plugin = {"name": "gradvac", "granularity": granularity}
+    through = run_steps(make_problem, plugin, seed=5, steps=steps)
 
     problem = make_problem()
-    mtl = build(problem, "gradvac", seed=5)
+    mtl = build(problem, plugin, seed=5)
     optimizer = torch.optim.SGD(problem.model.parameters(), lr=0.01)
     for _ in range(split):
         optimizer.zero_grad(set_to_none=True)
@@ -433,7 +529,7 @@ def test_gradvac_resume_is_bit_for_bit(make_problem):
     def resumed(load_targets: bool) -> list[dict[str, torch.Tensor]]:
         fresh = make_problem()
         fresh.model.load_state_dict(saved["model"])
-        mtl2 = build(fresh, "gradvac", seed=5)
+        mtl2 = build(fresh, plugin, seed=5)
         state = copy.deepcopy(saved["mtl"])
         if not load_targets:
             state["plugins"]["gradvac"] = mtl2.plugins["gradvac"].state_dict()
@@ -449,6 +545,46 @@ def test_gradvac_resume_is_bit_for_bit(make_problem):
 
     assert same(resumed(load_targets=True), through[split:])
     assert not same(resumed(load_targets=False), through[split:])  # the targets matter
+
+
+@pytest.mark.parametrize("granularity", ["all_layer", "all_matrix"])
+def test_gradvac_groups_correct_each_layer_or_matrix_on_its_own(problem, granularity):
+    """Each group of shared parameters gets GradVac's weights from its own block Gramian (its own
+    targets, the same orders): the shared parameters receive J_gᵀα_g block by block, the
+    task-specific parameters the plain sum."""
+    from mtlhooks.plugins.gradvac import gradvac_from_orders, parameter_groups
+
+    mtl = build(problem, {"name": "gradvac", "granularity": granularity}, Space.PARAMS)
+    clone = copy.deepcopy(problem.model)
+    _, losses_ref = problem.losses(clone)
+    names = [name for name, _ in clone.encoder.named_parameters()]
+    params = list(clone.encoder.parameters())
+    rows = [torch.autograd.grad(losses_ref[t], params, retain_graph=True) for t in problem.tasks]
+    blocks = [torch.stack([row[k].reshape(-1) for row in rows]) for k in range(len(params))]
+    orders = torch.rand(3, 3, generator=fresh_generator()).argsort(1)
+    groups = parameter_groups(names, granularity)
+    assert len(groups) == (2 if granularity == "all_layer" else 4)
+    expected = {}
+    for group in groups:
+        gramian = sum(blocks[k] @ blocks[k].T for k in group)
+        weights, _ = gradvac_from_orders(gramian, torch.zeros(3, 3, dtype=torch.float64), orders)
+        for k in group:
+            expected[names[k]] = (weights @ blocks[k]).reshape(params[k].shape)
+    z, losses = problem.losses()
+    mtl.backward(losses, features=z)
+    for name, p in problem.model.encoder.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+    plain = reference_grads(problem, torch.ones(3, dtype=torch.float64))
+    for name, p in problem.model.heads.named_parameters():
+        torch.testing.assert_close(p.grad, plain[f"heads.{name}"], rtol=1e-10, atol=1e-12)
+    (state,) = mtl.state_dict()["plugins"].values()
+    assert state["targets"].shape == (len(groups), 3, 3) and state["targets"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("space", ["features", "last_shared"])
+def test_gradvac_groups_outside_params_space_are_refused_at_construction(problem, space):
+    with pytest.raises(ConfigError, match="granularity 'all_layer' needs space 'params'"):
+        build(problem, {"name": "gradvac", "granularity": "all_layer"}, Space(space))
 
 
 def test_gradvac_refuses_foreign_state(problem):

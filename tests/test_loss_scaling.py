@@ -386,8 +386,9 @@ def test_bad_losses_raise_before_anything_is_written(problem, name, values, mess
 
 
 def slaw_reference(history: list[list[float]], beta: float, eps: float) -> list[float]:
-    """SLAW by the paper's description: arithmetic means for the first 1/(1−β) steps, then
-    exponential moving averages."""
+    """SLAW by the paper's description and the author's code (meta/train/loss.py, CLAW, with
+    meta/utils/estimate.py): arithmetic means for the first 1/(1−β) steps, then exponential
+    moving averages; the standard deviation is floored at eps."""
     warmup = round(1 / (1 - beta))
     count = len(history)
     tasks = len(history[0])
@@ -397,7 +398,7 @@ def slaw_reference(history: list[list[float]], beta: float, eps: float) -> list[
     for row in history[warmup:]:
         a = [beta * a[i] + (1 - beta) * row[i] ** 2 for i in range(tasks)]
         b = [beta * b[i] + (1 - beta) * row[i] for i in range(tasks)]
-    inverse = [1 / math.sqrt(max(a[i] - b[i] ** 2, eps)) for i in range(tasks)]
+    inverse = [1 / max(math.sqrt(max(a[i] - b[i] ** 2, 0.0)), eps) for i in range(tasks)]
     return [tasks * v / sum(inverse) for v in inverse]
 
 
@@ -409,6 +410,16 @@ def test_slaw_by_hand(beta, count):
     plugin = build("slaw", beta=beta)
     weights = [scale(plugin, row, index=i).weights for i, row in enumerate(history)][-1]
     close(weights, slaw_reference(history, beta, 1e-5), rtol=1e-9)
+
+
+def test_slaw_floors_the_standard_deviation_at_eps_as_the_authors_code():
+    """A constant loss has std 0: floored at ε = 1e-5 (not the variance: that would floor the
+    std at 3.2e-3 and give a task of std 1e-3 the same weight)."""
+    plugin = build("slaw", tasks=("a", "b"), beta=0.5)
+    history = [[1.0, 1.0 + 1e-3], [1.0, 1.0 - 1e-3]]  # stds 0 and 1e-3
+    weights = [scale(plugin, row, index=i).weights for i, row in enumerate(history)][-1]
+    inverse = [1 / 1e-5, 1 / 1e-3]
+    close(weights, [2 * v / sum(inverse) for v in inverse], rtol=1e-6)
 
 
 def test_slaw_first_step_gives_equal_weights():

@@ -219,8 +219,8 @@ class TorchJD(Plugin):
         super().__init__(config, setup)
         self.config: TorchJDConfig = config
         try:
-            self.method = build(config.aggregator, config.options, setup.num_tasks)
-            self.kind, self._callable = _strategy(self.method)
+            self.aggregator = build(config.aggregator, config.options, setup.num_tasks)
+            self.kind, self._callable = _strategy(self.aggregator)
         except ValueError as error:
             raise ConfigError(f"plugin torchjd: {error}") from None
         if self.kind == "combine" and setup.space is Space.LAST_SHARED:
@@ -270,14 +270,14 @@ class TorchJD(Plugin):
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> TorchJD:
-        self.method.to(device=device)
+        self.aggregator.to(device=device)
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: _module_state(module) for name, module in self.method.named_modules()}
+        return {name: _module_state(module) for name, module in self.aggregator.named_modules()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        modules = dict(self.method.named_modules())
+        modules = dict(self.aggregator.named_modules())
         if set(state) != set(modules):
             raise ValueError(
                 f"torchjd state is for modules {sorted(state)}, this {self.config.aggregator} "

@@ -16,7 +16,11 @@ from mtlhooks.weighting_utils import LearnablePlugin, check_lower_bound, effecti
 
 class GradNormConfig(PluginConfig):
     alpha: float = Field(
-        default=1.5, ge=0.0, description="Asymmetry α: how strongly slow tasks are pulled up."
+        default=1.5,
+        ge=0.0,
+        le=10.0,
+        description="Asymmetry α: how strongly slow tasks are pulled up (the paper explores "
+        "0…3; at most 10, so that the targets rᵢ^α stay finite in float32).",
     )
     min_weight: float = Field(
         default=1e-6,

@@ -7,12 +7,15 @@ from pydantic import Field
 
 from mtlhooks.plugin import Family, PluginConfig, Setup, hookimpl
 from mtlhooks.step import Step
-from mtlhooks.weighting_utils import LearnablePlugin, effective_losses
+from mtlhooks.weighting_utils import LOG_WEIGHT_BOUND, LearnablePlugin, effective_losses
 
 
 class IMTLLConfig(PluginConfig):
     init: float = Field(
-        default=0.0, description="Initial log-scale sᵢ of every task (0: weights 1)."
+        default=0.0,
+        ge=-LOG_WEIGHT_BOUND,
+        le=LOG_WEIGHT_BOUND,
+        description="Initial log-scale sᵢ of every task (0: weights 1).",
     )
 
 

@@ -25,7 +25,9 @@ class SLAWConfig(PluginConfig):
     eps: float = Field(
         default=1e-5,
         gt=0.0,
-        description="Floor ε of the variance estimate: sᵢ = √max(aᵢ − bᵢ², ε).",
+        le=1e30,
+        description="Floor ε of the standard deviation estimate: sᵢ = max(√(aᵢ − bᵢ²), ε), "
+        "as in the author's code.",
     )
 
 
@@ -35,11 +37,15 @@ class SLAW(Plugin):
     Crawshaw & Košecká, "SLAW: Scaled Loss Approximate Weighting for Efficient Multi-Task
     Learning", 2021: approximates the gradient-norm balancing of GradNorm-like methods with
     loss statistics only, at no extra backward. aᵢ ← βₜaᵢ + (1−βₜ)ℓᵢ², bᵢ ← βₜbᵢ + (1−βₜ)ℓᵢ,
-    sᵢ = √max(aᵢ − bᵢ², ε), with βₜ = min(β, (t−1)/t) at the t-th call: aᵢ and bᵢ are arithmetic
+    sᵢ = max(√(aᵢ − bᵢ²), ε), with βₜ = min(β, (t−1)/t) at the t-th call: aᵢ and bᵢ are arithmetic
     means for the first 1/(1−β) calls, then exponential moving averages (seamlessly: the two
     coincide at t = 1/(1−β)). The statistics include the current loss. The first call gives
     w = 1 (up to rounding). As aᵢ − bᵢ² is a variance, the weights do not change when a constant
-    is added to one task's whole loss history.
+    is added to one task's whole loss history. ε floors the standard deviation, as the author's
+    code does (``max(stdev, 1e-5)`` in mtcrawshaw/meta, where SLAW was first called CLAW); an
+    earlier version here floored the variance, i.e. the std at √ε ≈ 3e-3. A variance that
+    rounding makes slightly negative counts as 0 (the author's code skips the update on the
+    NaN it gives).
 
     State (``state_dict``): aᵢ, bᵢ (float64) and the call count.
     """
@@ -65,8 +71,8 @@ class SLAW(Plugin):
         previous_means = torch.zeros_like(values) if self._means is None else self._means
         self._squares = moving_average(previous_squares, values.square(), beta)
         self._means = moving_average(previous_means, values, beta)
-        variance = (self._squares - self._means.square()).clamp_min(self.config.eps)
-        inverse_std = variance.rsqrt()
+        spread = (self._squares - self._means.square()).clamp_min(0).sqrt()
+        inverse_std = 1.0 / spread.clamp_min(self.config.eps)
         weights = len(step.tasks) * inverse_std / inverse_std.sum()
         step.weights = step.weights * weights.to(losses.dtype)
 

@@ -7,12 +7,14 @@ from pydantic import Field
 
 from mtlhooks.plugin import Family, PluginConfig, Setup, hookimpl
 from mtlhooks.step import Step
-from mtlhooks.weighting_utils import LearnablePlugin, effective_losses
+from mtlhooks.weighting_utils import LOG_WEIGHT_BOUND, LearnablePlugin, effective_losses
 
 
 class UncertaintyConfig(PluginConfig):
     init: float = Field(
         default=0.0,
+        ge=-LOG_WEIGHT_BOUND,
+        le=LOG_WEIGHT_BOUND,
         description="Initial log-variance sᵢ = log σᵢ² of every task (0: weights ½).",
     )
 

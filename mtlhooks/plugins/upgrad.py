@@ -6,10 +6,36 @@ import math
 
 import torch
 from pydantic import Field, field_validator
+from torch import Tensor
 
-from mtlhooks import functional
+from mtlhooks.errors import InputError
+from mtlhooks.method import MethodSpec, Property, check_gramian, is_finite, mean, nan_weights
 from mtlhooks.plugin import Family, Need, Plugin, PluginConfig, Space, hookimpl
+from mtlhooks.solvers import dual_cone_qp
 from mtlhooks.step import Step
+
+
+def preference_vector(gramian: Tensor, pref: Tensor | None) -> Tensor:
+    if pref is None:
+        return mean(gramian)
+    if pref.shape != gramian.shape[:1] or bool((pref < 0).any()):
+        raise InputError(f"pref must be a nonnegative vector of length {gramian.shape[0]}")
+    return pref.to(gramian)
+
+
+def upgrad(gramian: Tensor, *, pref: Tensor | None = None) -> Tensor:
+    """UPGrad: average of the projections of the (preference-weighted) gradients onto the dual cone.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232 (2024),
+    Sec. 4: ``vᵢ = argmin_{v ≥ prefᵢ eᵢ} vᵀGv`` and ``α = Σᵢ vᵢ``. With the default
+    ``pref = 1/T`` the result equals the mean when no gradient conflicts with the others. All T
+    QPs are solved together (:func:`mtlhooks.solvers.dual_cone_qp`).
+    """
+    check_gramian(gramian)
+    if not is_finite(gramian):
+        return nan_weights(gramian)
+    lower = torch.diag(preference_vector(gramian, pref))
+    return dual_cone_qp(gramian, lower).sum(0)
 
 
 class PreferenceConfig(PluginConfig):
@@ -56,7 +82,7 @@ class UPGrad(Plugin):
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232 (2024),
     Sec. 4: ``vᵢ = argmin_{v ≥ prefᵢ eᵢ} vᵀGv`` and ``α = Σᵢ vᵢ``; all T QPs are solved
-    together on the Gramian (:func:`mtlhooks.functional.upgrad`). The update never conflicts
+    together on the Gramian (:func:`upgrad`). The update never conflicts
     with a task (``⟨d, gᵢ⟩ ≥ 0``), scales linearly with the gradients, and equals the
     preference-weighted sum (the mean by default) when no two gradients conflict.
     """
@@ -66,6 +92,18 @@ class UPGrad(Plugin):
     Config = PreferenceConfig
     spaces = (Space.PARAMS, Space.LAST_SHARED, Space.FEATURES)
     needs = Need.GRAMIAN
+    method = MethodSpec(
+        upgrad,
+        "Quinton & Rey 2024",
+        frozenset(
+            {
+                Property.NON_CONFLICTING,
+                Property.SCALE_INVARIANT,
+                Property.PERMUTATION_EQUIVARIANT,
+                Property.NONNEGATIVE,
+            }
+        ),
+    )
 
     @classmethod
     def check_config(cls, config: PluginConfig, tasks: tuple[str, ...]) -> None:
@@ -75,4 +113,4 @@ class UPGrad(Plugin):
     def mtl_aggregate(self, step: Step) -> torch.Tensor:
         assert isinstance(self.config, PreferenceConfig)
         gramian = step.gramian()
-        return functional.upgrad(gramian, pref=self.config.vector(step.tasks, gramian))
+        return upgrad(gramian, pref=self.config.vector(step.tasks, gramian))

@@ -134,6 +134,8 @@ class _Plan:
 
 def _status(outcome: dict[str, Any], trivial: dict[str, float]) -> str:
     if outcome["failure"]:
+        if outcome["failure"].startswith("not applicable"):
+            return "not applicable"
         return "diverged" if outcome["failure"].startswith("diverged") else "failed"
     if any(outcome["test"][t] >= COLLAPSE * trivial[t] for t in outcome["test"]):
         return "collapsed"

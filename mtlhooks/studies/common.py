@@ -43,7 +43,7 @@ from torch import Tensor
 
 from mtlhooks.backends import MemoryBackend
 from mtlhooks.core import MTL
-from mtlhooks.errors import InputError, MTLError, NonFiniteError
+from mtlhooks.errors import ConfigError, InputError, MTLError, NonFiniteError
 from mtlhooks.plugin import Space
 from mtlhooks.plugins.gradstats import GradStats
 from mtlhooks.problems import (
@@ -534,7 +534,12 @@ def execute(job: Job) -> dict[str, Any]:
     plugins = list(job.plugins)
     config: dict[str, Any] = {"tasks": names, "plugins": list(plugins), "seed": job.seed}
     memory = MemoryBackend()
-    space = own_space(problem, plugins)
+    try:
+        space = own_space(problem, plugins)
+    except ConfigError as error:
+        # A method this problem cannot have (Krum needs ≥ 4 tasks): an untrained row that
+        # says why, left out of every mean like a failed run.
+        return _not_applicable(job, problem, model, error)
     if job.observe_every is not None:
         forced = space if space is not Space.NONE else Space.LAST_SHARED
         config["space"] = forced.value
@@ -634,6 +639,26 @@ def execute(job: Job) -> dict[str, Any]:
             t: sum(row[i] for row in uw_gap) / len(uw_gap) for i, t in enumerate(names)
         }
     return outcome
+
+
+def _not_applicable(job: Job, problem: Problem, model: Any, error: ConfigError) -> dict[str, Any]:
+    first_line = str(error).splitlines()[0][:160]
+    return {
+        "method": job.method,
+        "tag": job.tag,
+        "seed": job.seed,
+        "problem": job.problem.key,
+        "tasks": list(problem.names),
+        "plugins": list(job.plugins),
+        "space": None,
+        "val": problem.metrics(model, "val"),
+        "test": problem.metrics(model, "test"),
+        "checkpoints": [],
+        "steps_done": 0,
+        "failure": f"not applicable: {first_line}",
+        "seconds": 0.0,
+        "cpu_seconds": 0.0,
+    }
 
 
 def _worker_init() -> None:
