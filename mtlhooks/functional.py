@@ -31,8 +31,11 @@ from mtlhooks.plugins.gradvac import gradvac
 from mtlhooks.plugins.imgrad import imgrad
 from mtlhooks.plugins.imtl_g import imtl_g
 from mtlhooks.plugins.mgda import mgda
+from mtlhooks.plugins.moco import moco
+from mtlhooks.plugins.modo import modo
 from mtlhooks.plugins.nash_mtl import nash_mtl
 from mtlhooks.plugins.pcgrad import pcgrad, pcgrad_from_orders
+from mtlhooks.plugins.sdmgrad import sdmgrad
 from mtlhooks.plugins.upgrad import upgrad
 
 __all__ = [
@@ -51,10 +54,13 @@ __all__ = [
     "imtl_g",
     "mean",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcgrad",
     "pcgrad_from_orders",
     "property_table_markdown",
+    "sdmgrad",
     "sum",
     "upgrad",
 ]

@@ -35,12 +35,14 @@ SEED = 1234
 
 
 def weighting_of(spec: MethodSpec) -> Callable[[Tensor], Tensor]:
-    """The method as a function of G alone; random methods get the same fresh draw every call."""
+    """The method as a function of G alone; random methods get the same fresh draw every call,
+    stateful ones the state of a fresh plugin."""
 
     def weighting(gramian: Tensor) -> Tensor:
         args: list[object] = [gramian]
         if spec.stateful:
-            args.append(torch.zeros_like(gramian))
+            initial = spec.initial_state or torch.zeros_like
+            args.append(initial(gramian))
         kwargs: dict[str, object] = {}
         if spec.random:
             kwargs["generator"] = torch.Generator(device=gramian.device).manual_seed(SEED)
