@@ -28,13 +28,15 @@ from properties import (
     assert_scale_invariant,
 )
 from strategies import gramian_of, gramians, jacobians, scale_factors
+from test_aggregators import assert_grads_close, reference_grads
+from test_aggregators import jacobian as space_jacobian
 from test_loss_scaling import assert_states_equal
 from torch import Tensor
 
 from mtlhooks import MTL, InputError, Plugin, Setup, Space, Step, TaskGradients, registry
 from mtlhooks import functional as F
 from mtlhooks.cli import main
-from mtlhooks.errors import ConfigError
+from mtlhooks.errors import ConfigError, PluginError
 from mtlhooks.functional import METHODS, Property
 from mtlhooks.plugins.excess_mtl import excess_mtl, initial_excess_mtl_state
 from mtlhooks.plugins.moco import initial_moco_state
@@ -347,6 +349,21 @@ def test_sdmgrad_without_pull_and_many_steps_approaches_mgda() -> None:
     assert (alphas - expected) @ gramian @ (alphas - expected) < 1e-16
 
 
+@pytest.mark.parametrize("space", [Space.PARAMS, Space.LAST_SHARED, Space.FEATURES], ids=str)
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_gramian_methods_write_their_weights_in_every_space(problem, name, space) -> None:
+    # first call: the state is 1/T each; weights from the Gramian built here by autograd
+    jac = space_jacobian(problem, space)
+    gramian = gramian_of(jac)
+    alphas, _ = METHODS[name].function(gramian, F.mean(gramian))  # type: ignore[misc]
+    config = {"tasks": problem.tasks, "space": space.value, "plugins": [name]}
+    mtl = MTL(config, shared=problem.model.encoder)
+    z, losses = problem.losses()
+    report = mtl.backward(losses, features=z)
+    torch.testing.assert_close(report.weights, alphas, rtol=1e-9, atol=1e-12)
+    assert_grads_close(problem.grads(), reference_grads(problem, alphas))
+
+
 # -- hard families: finite, and the declared properties --------------------------------------------
 
 
@@ -498,6 +515,40 @@ def test_moco_through_the_pipeline_matches_the_paper_loop(problem) -> None:
         expected_heads = heads_reference(problem.model, x, problem.tasks, [1.0, 1.0, 1.0])
         for name, grad in heads_grads(problem.model).items():
             torch.testing.assert_close(grad, expected_heads[name], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["moco", "excess_mtl"])
+def test_jacobian_plugins_keep_a_float32_model_in_float32(make_problem, name) -> None:
+    problem = make_problem()
+    problem.model.float()
+    mtl = MTL({"tasks": problem.tasks, "plugins": [name]}, shared=problem.model.encoder)
+    for x in batches(problem, 3):
+        problem.zero_grad()
+        mtl.backward(losses_on(problem.model, x.float(), problem.tasks))
+        for grad in problem.grads().values():
+            assert grad.dtype == torch.float32
+            assert_finite(grad)
+    state = mtl.plugins[name].state_dict()
+    tracked = state["tracked" if name == "moco" else "squares"]
+    assert tracked.dtype == torch.float32
+
+
+class EchoCommunicator:
+    """Two 'processes' holding the same values (all_reduce returns its input)."""
+
+    world_size = 2
+
+    def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        return tensor.clone()
+
+
+def test_moco_refuses_sync_gramian_across_processes(problem) -> None:
+    # with sync: gramian each rank would track its own gradients: refused, nothing written
+    config = {"tasks": problem.tasks, "plugins": ["moco"], "sync": "gramian"}
+    mtl = MTL(config, shared=problem.model.encoder, communicator=EchoCommunicator())
+    with pytest.raises(PluginError, match="sync: exact"):
+        mtl.backward(losses_on(problem.model, problem.x, problem.tasks))
+    assert all(p.grad is None for p in problem.model.encoder.parameters())
 
 
 @pytest.mark.parametrize("space", ["last_shared", "features"])
