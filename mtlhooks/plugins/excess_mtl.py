@@ -50,7 +50,8 @@ def excess_mtl(
     (the plugin averages them over the processes of a data-parallel run).
 
     He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, "Robust Multi-Task Learning with Excess
-    Risks", ICML 2024, Algorithm 1:
+    Risks", ICML 2024, the ExcessMTL algorithm (equation numbers as TorchJD's implementation
+    cites them):
 
     1. curvature: ``Sᵢ ← Sᵢ + gᵢ²`` (coordinate-wise, over all calls: the AdaGrad-style diagonal
        of the empirical Fisher, their Eq. 7);
@@ -133,7 +134,7 @@ class ExcessMTL(Plugin):
     to convergence), not with its loss.
 
     He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, "Robust Multi-Task Learning with Excess
-    Risks", ICML 2024, Algorithm 1 (:func:`excess_mtl`): rᵢ = gᵢᵀHᵢ⁻¹gᵢ with the diagonal
+    Risks", ICML 2024 (:func:`excess_mtl`): rᵢ = gᵢᵀHᵢ⁻¹gᵢ with the diagonal
     curvature ``Hᵢ = √(Σ_calls gᵢ² + ε)`` accumulated coordinate-wise, normalised by a baseline
     from the first ``warmup_steps`` calls, then ``wᵢ ∝ wᵢ·exp(η rᵢ/bᵢ)``. Normalising by the
     baseline makes the weights independent of a constant scale of any one task's loss (up to ε).

@@ -33,10 +33,10 @@ def sdmgrad(
     gradient: ``iterations`` steps ``w ← Π_Δ(w − lr·v)``, v the heavy-ball velocity
     (``v ← momentum·v + Ĝ(w + λ/T·1)``, v = 0 before the first step, as torch's SGD), warm-started
     from the previous call's w. ``Ĝ = G / s̄²`` with s̄ the mean gradient norm, so the weights do
-    not depend on a common scale of the gradients (Section 6.1 of the paper and the authors'
-    code); the authors add 1e-4 to each ``Gᵢᵢ`` and LibMTL/TorchJD 1e-8 to ``s̄²``, which breaks
-    that invariance for small gradients: here the division is exact, and an all-zero Gramian is
-    left as it is. Returned weights: ``α = (w + λ/T·1)/(1 + λ)`` (they sum to 1).
+    not depend on a common scale of the gradients (the authors' code; TorchJD places it in
+    Section 6.1 of the paper); the authors add 1e-4 to each ``Gᵢᵢ`` and LibMTL/TorchJD 1e-8 to
+    ``s̄²``, which breaks that invariance for small gradients: here the division is exact, and an
+    all-zero Gramian is left as it is. Returned weights: ``α = (w + λ/T·1)/(1 + λ)`` (sum 1).
 
     Pure: takes the previous w (start: ``1/T`` each) and returns ``(α, new_w)``. Computed in
     float64. A non-finite Gramian gives NaN weights and leaves the state as it was.
