@@ -23,6 +23,7 @@ from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.distributed import Communicator, default_communicator
 from mtlhooks.engine import GradientEngine, PerTask
 from mtlhooks.errors import (
+    ConfigError,
     GradientError,
     InputError,
     MTLError,
@@ -220,6 +221,7 @@ class MTL:
             model=model,
             num_tasks=len(self.tasks),
         )
+        self._refuse_local_combination()
         self._ranks = None if self._engine.comm is None else Ranks(self._engine.comm, self.tasks)
         if self._ranks is not None:
             self._ranks.check_same_pipeline(self._settings())
@@ -231,6 +233,24 @@ class MTL:
         for key in reversed(wanted):
             self._manager.register(self.plugins[key], name=key)
         self._check_call_order(wanted)
+
+    def _refuse_local_combination(self) -> None:
+        """A plugin that builds the update from J itself (MoCo, TrimmedMean) needs the global
+        batch's J: under ``sync: gramian`` each process holds only its own, so each would write
+        a different update. Refused here, not at the first call."""
+        comm = self._engine.comm
+        if comm is None or comm.world_size <= 1 or self._engine.writes_directly:
+            return
+        if self.space is not Space.PARAMS:
+            return
+        combining = [key for key, p in self.plugins.items() if hasattr(p, "mtl_combine")]
+        if combining:
+            raise ConfigError(
+                f"plugin(s) {', '.join(map(repr, combining))} build the update from the task "
+                "gradients themselves, which under sync: gramian are each process's own: every "
+                "process would write a different update. Use sync: exact (the per-task "
+                "gradients are all-reduced first)"
+            )
 
     @classmethod
     def from_config(

@@ -33,9 +33,12 @@ from mtlhooks.plugins.imgrad import imgrad
 from mtlhooks.plugins.imtl_g import imtl_g
 from mtlhooks.plugins.krum import krum
 from mtlhooks.plugins.mgda import mgda
+from mtlhooks.plugins.moco import moco
+from mtlhooks.plugins.modo import modo
 from mtlhooks.plugins.nash_mtl import nash_mtl
 from mtlhooks.plugins.pcd import PCDState, pcd
 from mtlhooks.plugins.pcgrad import pcgrad, pcgrad_from_orders
+from mtlhooks.plugins.sdmgrad import sdmgrad
 from mtlhooks.plugins.trimmed_mean import trimmed_mean
 from mtlhooks.plugins.upgrad import upgrad
 
@@ -59,11 +62,14 @@ __all__ = [
     "krum",
     "mean",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcd",
     "pcgrad",
     "pcgrad_from_orders",
     "property_table_markdown",
+    "sdmgrad",
     "sum",
     "trimmed_mean",
     "upgrad",

@@ -132,7 +132,12 @@ def project_onto_simplex(points: Tensor) -> Tensor:
     Sort-based algorithm of Held, Wolfe & Crowder (1974), see also Duchi et al., "Efficient
     projections onto the l1-ball for learning in high dimensions", ICML 2008: the projection is
     ``max(x − θ, 0)`` with the threshold ``θ`` read off the sorted cumulative sums.
+
+    The projection does not change when a constant is added to every entry, so the largest
+    entry is subtracted first: ``x₁ − (x₁ − 1)`` would round to 0 for entries ≳ 1e16 and leave
+    no support at all (every weight 0), while ``0 − (0 − 1)`` is exact.
     """
+    points = points - points.max(dim=-1, keepdim=True).values
     sorted_desc = torch.sort(points, dim=-1, descending=True).values
     cumsum = sorted_desc.cumsum(-1) - 1
     ks = torch.arange(1, points.shape[-1] + 1, dtype=points.dtype, device=points.device)

@@ -75,6 +75,12 @@ DDP_SCENARIOS: dict[str, dict[str, Any]] = {
     ),
     "pcgrad_params_accumulate": _spec({"plugins": ["pcgrad"], "space": "params"}, accumulation=2),
     "mgda_params_gramian": _spec({"plugins": ["mgda"], "space": "params", "sync": "gramian"}),
+    # plugins that read the per-task gradients themselves, with state across steps
+    "moco_params": _spec({"plugins": ["moco"], "space": "params"}, steps=4),
+    "excess_mtl_upgrad_params": _spec(
+        {"plugins": [{"name": "excess_mtl", "step_size": 0.5}, "upgrad"], "space": "params"},
+        steps=4,
+    ),
     "fp16_pcgrad_params": _spec(
         {"plugins": ["pcgrad"], "space": "params"}, amp="fp16", inject=1, steps=3
     ),
@@ -492,6 +498,8 @@ def assert_matches(
         "avgnorm_last_shared",
         "gradstats_every2_params",
         "pcgrad_params_accumulate",
+        "moco_params",
+        "excess_mtl_upgrad_params",
     ],
 )
 def test_ddp_matches_single_process_on_the_global_batch(ddp_results: Loaded, name: str) -> None:
