@@ -28,6 +28,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
 _local = threading.local()
 
 
@@ -68,6 +73,9 @@ def counting() -> Iterator[list[int]]:
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """One device-side flag, True when every entry of every tensor is finite; no host sync.
 
+    A sharded tensor (FSDP2's ``DTensor`` gradients) is checked on this rank's shard: agreeing
+    with the other ranks is the caller's (one all-reduce of the flag, no host sync).
+
     Large tensors (gradients) go through the fused kernel GradScaler uses to look for infs (one
     launch per device and dtype, reading each tensor once; it multiplies by 1 in place, which
     changes no value); small ones (losses, weights) and tensors that cannot be written in place
@@ -76,6 +84,8 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     small: list[Tensor] = []
     for tensor in tensors:
+        if DTensor is not None and isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
         if tensor.numel() <= _SMALL or not tensor.is_contiguous():
