@@ -23,11 +23,11 @@ import pytest
 import torch
 from torch import nn
 
-from mtlhooks import MTL, ConfigError, registry
+from mtlhooks import MTL, ConfigError, registry, support
 from mtlhooks.plugin import Family, Need, Space
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distributed import WORLD, launch
+from test_distributed import ROOT, WORLD, launch
 
 TASKS = ("t0", "t1", "t2")
 STATIC = {"name": "static", "weights": {"t0": 1.0, "t1": 0.5, "t2": 2.0}}
@@ -388,6 +388,26 @@ def _failure(rank: int) -> dict[str, Any]:
     return {"error": None}
 
 
+def _host_syncs(rank: int) -> dict[str, int]:
+    """Host syncs of one call per space on the sharded model (mtlhooks.hostsync's budget)."""
+    from mtlhooks import hostsync
+
+    x_all, y_all = data()
+    counts = {}
+    for space, plugins in (("params", ["pcgrad"]), ("features", ["mgda"]), ("none", [STATIC])):
+        model = _shard(Net().double())
+        mtl = MTL(
+            {"tasks": TASKS, "plugins": plugins, "space": space}, shared=model.encoder, model=model
+        )
+        rows = slice(rank * 8, rank * 8 + 8)
+        z, outputs = model(x_all[rows])
+        losses = losses_of(outputs, {t: v[rows] for t, v in y_all.items()})
+        with hostsync.counting() as syncs:
+            mtl.backward(losses, features=z)
+        counts[space] = syncs[0]
+    return counts
+
+
 def _refusals() -> dict[str, str | None]:
     """What the pipeline refuses on a sharded model, each with the error's message."""
     model = _shard(Net().double())
@@ -435,6 +455,7 @@ def _worker(out: Path) -> None:
         results[f"skip_{space}"] = _skip_keeps_grad(rank, space)
     results["failure"] = _failure(rank)
     results["refusals"] = _refusals()
+    results["host_syncs"] = _host_syncs(rank)
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -539,10 +560,44 @@ def test_fsdp2_an_error_on_one_rank_stops_every_rank(results) -> None:
 def test_fsdp2_refusals_name_the_alternative(results) -> None:
     refusals = results("refusals")[0]
     assert refusals["no_model"] is not None and "model=model" in refusals["no_model"]
-    assert refusals["sync_gramian"] is not None and "sync: exact" in refusals["sync_gramian"]
+    declared = support.lookup(support.Engine.FSDP2, "params, sync: gramian").reason
+    assert refusals["sync_gramian"] is not None and declared in refusals["sync_gramian"]
     assert refusals["layerwise"] is not None and "materialize" in refusals["layerwise"]
     message = refusals["last_shared_parameters"]
     assert message is not None and "as a module" in message
+
+
+@pytest.mark.distributed
+def test_fsdp2_host_syncs(results) -> None:
+    """Per call on 2 ranks: the ranks' status, the Gramian with the losses and weights, the
+    finiteness of the written shards (spaces with per-task gradients); the status and the
+    finiteness on the fast path."""
+    for counts in results("host_syncs"):
+        assert counts == {"params": 3, "features": 3, "none": 2}
+
+
+@pytest.mark.distributed
+def test_fsdp_example_runs_under_torchrun(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 examples/fsdp_train.py`` (small, 2 micro-steps): it trains
+    in space params on the sharded model, saves a checkpoint, and resumes from it."""
+    import subprocess
+
+    base = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        str(ROOT / "examples" / "fsdp_train.py"),
+        *("--log-every", "2", "--batch-size", "8", "--n-train", "128"),
+        *("--in-dim", "8", "--out-dim", "2", "--hidden", "16", "--output-dir", str(tmp_path)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--steps", "4", "--accumulation", "2"], ["--steps", "2", "--resume"]):
+        done = subprocess.run(
+            [*base, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert "gradient space: params" in output and "each holds" in output, output
+        assert "test error / σ per task" in output
+    assert (tmp_path / "checkpoint" / "mtl.pt").is_file()
 
 
 def test_gramian_methods_cover_the_registry() -> None:

@@ -40,8 +40,14 @@ observers that can log to a tracker (``gradstats``) are attached to the accelera
 records reach every tracker given to ``Accelerator(log_with=...)``. ``mtl.accelerator`` is the
 accelerator for plugins and callbacks that want to call ``accelerator.log`` themselves.
 
-DeepSpeed runs the optimizer step inside its own backward and is refused; FSDP is refused for
-plugins that read per-task gradients (loss-level plugins work, through a plain backward).
+FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``) works in every space: pass
+``model=model`` (the module given to ``prepare``); the pipeline, built before or after
+``prepare``, follows the sharded parameters ``prepare`` puts in place (:mod:`mtlhooks.fsdp`).
+DeepSpeed runs the optimizer step inside its own backward: the weighted backward goes through
+``accelerator.backward`` (checked before it, since nothing can be undone after it), ZeRO 1-2
+with loss-level plugins and spaces ``features``/``last_shared`` (``model=`` needed there),
+ZeRO-3 with loss-level plugins only; what is refused and why is declared in
+:mod:`mtlhooks.support`.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
+from mtlhooks import support
 from mtlhooks.config import MTLConfig
 from mtlhooks.core import MTL, ParameterSource
 from mtlhooks.errors import ConfigError, InputError
@@ -73,24 +80,11 @@ def check_supported(accelerator: Accelerator, mtl: MTL) -> None:
     gradient_plugins = [
         key for key, plugin in mtl.plugins.items() if plugin.needs is not Need.NOTHING
     ]
+    space = support.space_key(mtl.space.value, mtl.config.sync)
     if kind == DistributedType.DEEPSPEED:
         stage = _zero_stage(accelerator)
-        if mtl.space is Space.PARAMS:
-            raise ConfigError(
-                f"space 'params' is not supported under DeepSpeed (plugins {gradient_plugins}): "
-                "DeepSpeed reduces and partitions the gradients inside its own backward, where "
-                "no per-task gradient of the parameters can be combined. Use space 'features' "
-                "or 'last_shared' under DeepSpeed ZeRO 1-2, or FSDP2 "
-                "(FullyShardedDataParallelPlugin(fsdp_version=2)) for exact surgery in 'params'"
-            )
-        if stage >= 3 and mtl.space is not Space.NONE:
-            raise ConfigError(
-                f"DeepSpeed ZeRO-3 is not supported with plugins that read per-task gradients "
-                f"({gradient_plugins}, space {mtl.space.value!r}): ZeRO-3 gathers and releases "
-                "the parameters in hooks of its own backward, which the per-task gradients "
-                "would run without it. Use ZeRO stage 1 or 2, or FSDP2 "
-                "(FullyShardedDataParallelPlugin(fsdp_version=2)), which shards like ZeRO-3"
-            )
+        engine = support.Engine.ZERO3 if stage >= 3 else support.Engine.ZERO12
+        support.check(engine, space, gradient_plugins)
         if not mtl._steps_in_backward:
             raise ConfigError(
                 "under DeepSpeed the weighted backward must go through the DeepSpeed engine, "
@@ -102,19 +96,15 @@ def check_supported(accelerator: Accelerator, mtl: MTL) -> None:
     if kind == DistributedType.FSDP:
         plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
         if getattr(plugin, "fsdp_version", 1) != 2:
-            if mtl.space is not Space.NONE:
-                raise ConfigError(
-                    f"FSDP1 is not supported with plugins that read per-task gradients "
-                    f"({gradient_plugins}, space {mtl.space.value!r}): it flattens the "
-                    "parameters into shards that no per-task gradient can be read from. Use "
-                    "FSDP2: FullyShardedDataParallelPlugin(fsdp_version=2)"
-                )
+            support.check(support.Engine.FSDP1, space, gradient_plugins)
         elif mtl._sources.model is None:
             raise ConfigError(
                 "under FSDP2 pass the model to AcceleratedMTL (model=model, the module you "
                 "give accelerator.prepare): every gradient FSDP writes lands on its sharded "
                 "parameters, which the pipeline must know to write or undo them"
             )
+        else:
+            support.check(support.Engine.FSDP2, space, gradient_plugins)
     processes = accelerator.num_processes
     if processes > 1:
         communicator = mtl.communicator
