@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtlhooks import fsdp, hostsync, registry
+from mtlhooks import fsdp, hostsync, registry, support
 from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.distributed import Communicator, default_communicator
 from mtlhooks.engine import GradientEngine, PerTask
@@ -321,12 +321,7 @@ class MTL:
                 "which FSDP2 shards across ranks: in space 'params' each rank holds other "
                 "coordinates. Use space 'features' for them, or a Gramian-based method"
             )
-        if self.config.sync == "gramian":
-            raise ConfigError(
-                "sync: gramian is DDP's approximation; under FSDP2 space 'params' is exact at "
-                "the same Gramian traffic (the per-shard Gramians sum to the global one): use "
-                "sync: exact"
-            )
+        support.check(support.Engine.FSDP2, support.space_key(self.space.value, self.config.sync))
         if self.config.params_gramian == "layerwise":
             raise ConfigError(
                 "params_gramian: layerwise is not available under FSDP2 (the per-task gradients "

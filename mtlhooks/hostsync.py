@@ -14,6 +14,13 @@ places, all through this module, so they can be counted (and tested, on CPU as o
 - an accumulation micro-step of space ``params`` (``sync=False``): **one**, the finiteness check
   of its losses.
 
+Across processes the ranks' status travels with the losses (mtlhooks.ranks) and is read in the
+first of these points, except where a collective would come before it: under FSDP2
+(:mod:`mtlhooks.fsdp`) a call that takes per-task gradients reads it before them (FSDP's
+backward passes are collectives), **three** syncs in all. A ``backward_fn`` that applies the
+optimizer step (``steps_in_backward``, DeepSpeed) is preceded by the check of the losses and
+weights, and nothing is read after it.
+
 Failure paths (a non-finite value found, an error) may read more to say what went wrong. Plugins
 that read device values themselves add their own waits (a loss-scaling plugin runs on the
 device, before the first of these points).
