@@ -35,7 +35,7 @@ agreed across ranks, each holding other shards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -192,7 +192,7 @@ class ShardedEngine(GradientEngine):
         communicator: Communicator | None,
         model: nn.Module | None,
         last_module: nn.Module | None,
-        backward_fn: Any = None,
+        backward_fn: Callable[[Tensor], None] | None = None,
         num_tasks: int = 0,
     ) -> None:
         super().__init__(
@@ -308,7 +308,8 @@ class ShardedEngine(GradientEngine):
         position = {id(p): j for j, (_, p) in enumerate(self.named)}
         # Leaves of the graph outside FSDP's (whose unsharded leaves FSDP empties after each
         # backward) would collect T gradients here, none of them reduced across ranks.
-        others = [leaf for loss in losses for leaf in graph_leaves(loss, set())]
+        found = {id(leaf): leaf for loss in losses for leaf in graph_leaves(loss, set())}
+        others = list(found.values())
         writes.record(parameters)
         writes.record(others)
         saved = [p.grad for p in parameters]

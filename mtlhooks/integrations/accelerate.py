@@ -136,8 +136,7 @@ class _DeepSpeedOutputs:
         self.accelerator = accelerator
         self.outputs: Any = None
         self.lifted: list[Any] = []
-        if model is not None:
-            model.register_forward_hook(self._record)
+        self.handle = None if model is None else model.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self.outputs = output
@@ -360,8 +359,10 @@ class AcceleratedMTL:
         self.mtl.load_state_dict(state)
 
     def close(self) -> None:
-        """See :meth:`mtlhooks.MTL.close`."""
+        """See :meth:`mtlhooks.MTL.close` (and removes the forward hook DeepSpeed needs)."""
         self.mtl.close()
+        if self._deepspeed is not None and self._deepspeed.handle is not None:
+            self._deepspeed.handle.remove()
 
     def describe(self) -> str:
         """See :meth:`mtlhooks.MTL.describe`."""
