@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlhooks import MTL, ConfigError, registry, support
+from mtlhooks import MTL, ConfigError, InputError, registry, support
 from mtlhooks.plugin import Family, Need, Space
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -408,6 +408,26 @@ def _host_syncs(rank: int) -> dict[str, int]:
     return counts
 
 
+def _foreign_leaf(rank: int) -> dict[str, Any]:
+    """A tensor outside the sharded model that the losses reach (FSDP would not reduce its
+    gradient): every rank raises, with every .grad as it was."""
+    x_all, y_all = data()
+    model = _shard(Net().double())
+    config = {"tasks": TASKS, "plugins": ["pcgrad"], "space": "params"}
+    mtl = MTL(config, shared=model.encoder, model=model)
+    outside = torch.ones((), dtype=torch.float64, requires_grad=True)
+    rows = slice(rank * 8, rank * 8 + 8)
+    _z, outputs = model(x_all[rows])
+    losses = losses_of(outputs, {t: v[rows] for t, v in y_all.items()})
+    losses["t1"] = losses["t1"] * outside
+    try:
+        mtl.backward(losses)
+    except InputError as error:
+        grads = [p.grad for p in model.parameters()] + [outside.grad]
+        return {"message": str(error), "untouched": all(g is None for g in grads)}
+    return {"message": None}
+
+
 def _refusals() -> dict[str, str | None]:
     """What the pipeline refuses on a sharded model, each with the error's message."""
     model = _shard(Net().double())
@@ -456,6 +476,7 @@ def _worker(out: Path) -> None:
     results["failure"] = _failure(rank)
     results["refusals"] = _refusals()
     results["host_syncs"] = _host_syncs(rank)
+    results["foreign_leaf"] = _foreign_leaf(rank)
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -566,6 +587,13 @@ def test_fsdp2_refusals_name_the_alternative(results) -> None:
     assert refusals["layerwise"] is not None and "materialize" in refusals["layerwise"]
     message = refusals["last_shared_parameters"]
     assert message is not None and "as a module" in message
+
+
+@pytest.mark.distributed
+def test_fsdp2_a_tensor_outside_the_sharded_model_is_refused(results) -> None:
+    for outcome in results("foreign_leaf"):
+        assert outcome["message"] is not None and "outside the FSDP-sharded" in outcome["message"]
+        assert outcome["untouched"]
 
 
 @pytest.mark.distributed
