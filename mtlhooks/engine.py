@@ -215,6 +215,11 @@ class GradientEngine:
 
     # -- per-task gradients ------------------------------------------------------------------
 
+    def check_graph(self, losses: Sequence[Tensor]) -> None:
+        """Checks of the losses' graph that a sharded engine makes before the call's first
+        collective (:meth:`mtlhooks.fsdp.ShardedEngine.check_graph`); none here, where taking
+        the per-task gradients makes no collective."""
+
     def compute(
         self,
         losses: Sequence[Tensor],
