@@ -1017,6 +1017,11 @@ class MTL:
         if engine.sharded:
             # FSDP's backward passes are collectives: the ranks agree before the first one, and
             # each rank's losses are weighted (uneven shards) before FSDP averages them.
+            try:
+                engine.check_graph(step.loss_tensors)
+            except Exception:
+                self._fail_together("fast")
+                raise
             status = self._synchronise(step)
             if kind == "micro" and not self._micro_losses_finite(step, status):
                 return self._nonfinite(step, self._bad_losses(step.losses), start)
