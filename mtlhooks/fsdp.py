@@ -208,7 +208,9 @@ class ShardedEngine(GradientEngine):
         self.sharded_parameters = check_sharding(self.named or self.shared, model, self.comm)
         assert model is not None
         self.fsdp_modules = [m for m in model.modules() if _is_fsdp_module(m)]
+        self._model = model
         self._twins = sharded_twins(model)
+        self._leaves_seen: list[Tensor] = []
         self._hook: RemovableHandle | None = None
         self._captured: dict[str, Tensor] = {}
         self._attributes: list[str] = []
@@ -266,6 +268,41 @@ class ShardedEngine(GradientEngine):
 
     # -- per-task gradients ----------------------------------------------------------------------
 
+    def check_graph(self, losses: Sequence[Tensor]) -> None:
+        """What can fail on one rank alone, checked on the losses' graph before the first
+        collective of the call (its error joins the ranks' status): a tensor outside the
+        sharded model that the losses reach, whose gradient FSDP would not reduce, and a space
+        parameter that no loss reaches."""
+        self._leaves_seen = []
+        if self.space is Space.FEATURES:
+            return
+        leaves = {id(leaf): leaf for loss in losses for leaf in graph_leaves(loss, set())}
+        if self.space is Space.LAST_SHARED:
+            tensors = self._unsharded_last_layer()
+            for (name, _), tensor in zip(self.named, tensors):
+                if id(tensor) not in leaves:
+                    raise unreached(name, losses)
+            return
+        twins = sharded_twins(self._model)
+        sharded = {id(p) for p in self.sharded_parameters}
+        foreign = [
+            leaf
+            for key, leaf in leaves.items()
+            if leaf.requires_grad and key not in twins and key not in sharded
+        ]
+        if foreign:
+            raise InputError(
+                f"{len(foreign)} tensor(s) of shape(s) {[tuple(t.shape) for t in foreign][:3]} "
+                "outside the FSDP-sharded model receive gradients from the losses: FSDP does not "
+                "reduce them across ranks. Make them parameters of model= (under fully_shard) or "
+                "stop them requiring grad"
+            )
+        reached = {id(twins[key]) for key in leaves if key in twins}
+        for name, p in self.named:
+            if id(p) not in reached:
+                raise unreached(name, losses)
+        self._leaves_seen = list(leaves.values())
+
     def compute(
         self,
         losses: Sequence[Tensor],
@@ -306,10 +343,9 @@ class ShardedEngine(GradientEngine):
         count = len(losses)
         parameters = self.sharded_parameters
         position = {id(p): j for j, (_, p) in enumerate(self.named)}
-        # Leaves of the graph outside FSDP's (whose unsharded leaves FSDP empties after each
-        # backward) would collect T gradients here, none of them reduced across ranks.
-        found = {id(leaf): leaf for loss in losses for leaf in graph_leaves(loss, set())}
-        others = list(found.values())
+        # The graph's leaves (FSDP's unsharded parameters, which FSDP empties after each
+        # backward; check_graph refused any other) are set aside and put back like the shards.
+        others = self._leaves_seen
         writes.record(parameters)
         writes.record(others)
         saved = [p.grad for p in parameters]
@@ -327,15 +363,6 @@ class ShardedEngine(GradientEngine):
                     torch.autograd.backward(
                         loss, grad_tensors=_seed(loss, scale), retain_graph=i < count - 1
                     )
-                    foreign = [leaf for leaf in others if leaf.grad is not None]
-                    if foreign:
-                        raise InputError(
-                            f"{len(foreign)} tensor(s) of shape(s) "
-                            f"{[tuple(t.shape) for t in foreign][:3]} outside the FSDP-sharded "
-                            "model receive gradients from the losses: FSDP does not reduce them "
-                            "across ranks. Make them parameters of model= (under fully_shard) "
-                            "or stop them requiring grad"
-                        )
                     extra: dict[int, Tensor] = {}
                     for p in parameters:
                         grad = p.grad

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlhooks import MTL, ConfigError, InputError, registry, support
+from mtlhooks import MTL, ConfigError, DistributedError, InputError, registry, support
 from mtlhooks.plugin import Family, Need, Space
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -409,8 +409,8 @@ def _host_syncs(rank: int) -> dict[str, int]:
 
 
 def _foreign_leaf(rank: int) -> dict[str, Any]:
-    """A tensor outside the sharded model that the losses reach (FSDP would not reduce its
-    gradient): every rank raises, with every .grad as it was."""
+    """A tensor outside the sharded model that rank 0's losses reach (FSDP would not reduce its
+    gradient): rank 0 refuses it before any collective and rank 1 stops too, .grad untouched."""
     x_all, y_all = data()
     model = _shard(Net().double())
     config = {"tasks": TASKS, "plugins": ["pcgrad"], "space": "params"}
@@ -419,13 +419,15 @@ def _foreign_leaf(rank: int) -> dict[str, Any]:
     rows = slice(rank * 8, rank * 8 + 8)
     _z, outputs = model(x_all[rows])
     losses = losses_of(outputs, {t: v[rows] for t, v in y_all.items()})
-    losses["t1"] = losses["t1"] * outside
+    if rank == 0:
+        losses["t1"] = losses["t1"] * outside
     try:
         mtl.backward(losses)
-    except InputError as error:
+    except (InputError, DistributedError) as error:
         grads = [p.grad for p in model.parameters()] + [outside.grad]
-        return {"message": str(error), "untouched": all(g is None for g in grads)}
-    return {"message": None}
+        untouched = all(g is None for g in grads)
+        return {"error": type(error).__name__, "message": str(error), "untouched": untouched}
+    return {"error": None}
 
 
 def _refusals() -> dict[str, str | None]:
@@ -591,9 +593,10 @@ def test_fsdp2_refusals_name_the_alternative(results) -> None:
 
 @pytest.mark.distributed
 def test_fsdp2_a_tensor_outside_the_sharded_model_is_refused(results) -> None:
-    for outcome in results("foreign_leaf"):
-        assert outcome["message"] is not None and "outside the FSDP-sharded" in outcome["message"]
-        assert outcome["untouched"]
+    failed, peer = results("foreign_leaf")
+    assert failed["error"] == "InputError" and "outside the FSDP-sharded" in failed["message"]
+    assert peer["error"] == "DistributedError"
+    assert failed["untouched"] and peer["untouched"]
 
 
 @pytest.mark.distributed
