@@ -110,6 +110,24 @@ def sharded_twins(model: nn.Module | None) -> dict[int, Tensor]:
     return twins
 
 
+def unsharded_parameters(model: nn.Module | None) -> dict[int, Tensor]:
+    """``id`` of each sharded parameter of ``model`` → the unsharded parameter FSDP2 built for
+    it (the tensor its module's forward uses: a leaf of that forward's graph)."""
+    twins = sharded_twins(model)
+    if model is None or FSDPModule is None:
+        return {}
+    out: dict[int, Tensor] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in _param_groups(module):
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None and id(unsharded) in twins:
+                    out[id(fsdp_param.sharded_param)] = unsharded
+    return out
+
+
 def sharded_view(
     named: Sequence[tuple[str, Tensor]], twins: dict[int, Tensor]
 ) -> list[tuple[str, Tensor]]:
@@ -258,13 +276,20 @@ class ShardedEngine(GradientEngine):
 
     def _unsharded_last_layer(self) -> list[Tensor]:
         captured = self._captured
-        if not captured or any(is_sharded(captured.get(a)) for a in self._attributes):
+        if captured and not any(is_sharded(captured.get(a)) for a in self._attributes):
+            return [captured[a] for a in self._attributes]
+        # No forward since this engine was built (it was built at this call, after the
+        # forward, to follow the parameters prepare/fully_shard replaced): the unsharded
+        # parameters FSDP keeps are the ones that forward used.
+        unsharded = unsharded_parameters(self._model)
+        tensors = [unsharded.get(id(p)) for _, p in self.named]
+        if any(t is None for t in tensors):
             raise InputError(
-                "space 'last_shared' under FSDP2: no forward of the last shared layer was seen "
-                "since the pipeline was built (or it ran with sharded parameters). Build MTL "
-                "after fully_shard, before the forward pass of this step"
+                "space 'last_shared' under FSDP2: the last shared layer's unsharded parameters "
+                "are not known (no forward since the pipeline was built?): run the forward pass "
+                "of this step after building the MTL"
             )
-        return [captured[a] for a in self._attributes]
+        return [t for t in tensors if t is not None]
 
     # -- per-task gradients ----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ def spec(config: dict[str, Any], **options: Any) -> dict[str, Any]:
         "build_before_shard": False,  # MTL built before fully_shard replaces the parameters
         "accelerate": False,  # through Accelerate's FSDP2 plugin
         "reference_micro_steps": False,  # the reference accumulates as the workers do
+        "plain_loop": False,  # Accelerate without mtl.accumulate (one micro-step only)
     }
     out.update(options)
     return out
@@ -125,8 +127,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         {"plugins": ["pcgrad", "gradstats"], "space": "params"}, accumulation=2, accelerate=True
     ),
     "acc_features_mgda": spec({"plugins": ["mgda"], "space": "features"}, accelerate=True),
+    # A loop without mtl.accumulate: the pipeline meets prepare's parameters after a forward.
     "acc_last_shared_avgnorm": spec(
-        {"plugins": ["avgnorm", "mgda"], "space": "last_shared"}, accelerate=True
+        {"plugins": ["avgnorm", "mgda"], "space": "last_shared"}, accelerate=True, plain_loop=True
     ),
 }
 CHECKPOINT = spec(
@@ -289,7 +292,7 @@ def train_accelerate(spec: dict[str, Any], rank: int, world: int) -> dict[str, A
     for step in range(spec["steps"]):
         for rows in _rows(spec, step, rank, world, spec["accumulation"]):
             x, y = x_all[rows], {t: v[rows] for t, v in y_all.items()}
-            with mtl.accumulate(net):
+            with nullcontext() if spec["plain_loop"] else mtl.accumulate(net):
                 z, outputs = net(x)
                 report = mtl.backward(losses_of(outputs, y), features=z)
                 optimizer.step()
