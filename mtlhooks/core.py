@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtlhooks import hostsync, registry
+from mtlhooks import fsdp, hostsync, registry, support
 from mtlhooks.config import MTLConfig, load_config
 from mtlhooks.distributed import Communicator, default_communicator
 from mtlhooks.engine import GradientEngine, PerTask
@@ -64,6 +64,12 @@ def _named_parameters(source: ParameterSource | None, label: str) -> list[tuple[
     if not named:
         raise InputError(f"{label}= holds no parameter that requires grad")
     return named
+
+
+def _first_parameter(module: nn.Module) -> Tensor | None:
+    """The module's first parameter that requires grad (what :meth:`MTL._follow` watches)."""
+    module = getattr(module, "_orig_mod", module)
+    return next((p for p in module.parameters() if p.requires_grad), None)
 
 
 def _last_layer(module: nn.Module) -> nn.Module:
@@ -136,6 +142,10 @@ class MTL:
         default). Frameworks that must see the backward pass give theirs (Lightning's
         ``manual_backward``, a DeepSpeed engine's ``backward``); it receives the weighted total,
         already multiplied by any ``loss_scale``, and must not scale it again.
+    :param steps_in_backward: ``backward_fn`` also applies the optimizer step (a DeepSpeed
+        engine under Accelerate steps inside its backward at the end of each accumulation
+        window): the losses and weights are then checked before it runs, since nothing it did
+        can be undone after it, and what it wrote is not checked (the engine consumed it).
     :param model: the whole model (optional). Under data parallelism in space ``params``
         (``sync: exact``), the task-specific gradients are then reduced across processes by
         parameter, so heads that only some ranks use in a step (conditional branches, routing)
@@ -156,8 +166,12 @@ class MTL:
         communicator: Communicator | bool | None = None,
         backward_fn: Callable[[Tensor], None] | None = None,
         model: nn.Module | None = None,
+        steps_in_backward: bool = False,
     ) -> None:
         self.config = load_config(config)
+        if steps_in_backward and backward_fn is None:
+            raise InputError("steps_in_backward=True needs the backward_fn that steps")
+        self._steps_in_backward = steps_in_backward
         self.tasks: tuple[str, ...] = self.config.tasks
         self._shared = _named_parameters(shared, "shared")
         if last_shared is None and isinstance(shared, nn.Module):
@@ -201,26 +215,14 @@ class MTL:
         ]
         # Plugins whose work is once per optimizer step (all but observers).
         self._acts_per_step = any(p.family is not Family.OBSERVER for p in self.plugins.values())
-        space_module = shared if self.space is Space.PARAMS else last_shared
-        self._engine = GradientEngine(
-            self.space,
-            shared=self._shared,
-            last_shared=self._last_shared,
-            communicator=self.communicator,
-            exact_params=self.config.sync == "exact",
-            layerwise_mode=(
-                # Plugins that read J, and heads weighted apart from the trunk (written from
-                # their own per-task gradients), need the per-task gradients materialised.
-                "materialize"
-                if any(p.needs is Need.JACOBIAN for p in self._gradient_plugins)
-                or self.config.task_specific != "aggregated"
-                else self.config.params_gramian
-            ),
-            module=space_module if isinstance(space_module, nn.Module) else None,
-            backward_fn=backward_fn,
-            model=model,
-            num_tasks=len(self.tasks),
+        # The modules given, to follow when fully_shard replaces their parameters (_follow).
+        self._sources = _Sources(
+            shared if isinstance(shared, nn.Module) else None,
+            last_shared if isinstance(last_shared, nn.Module) else None,
+            model,
+            backward_fn,
         )
+        self._engine = self._build_engine()
         self._refuse_local_combination()
         self._ranks = None if self._engine.comm is None else Ranks(self._engine.comm, self.tasks)
         if self._ranks is not None:
@@ -262,6 +264,7 @@ class MTL:
         communicator: Communicator | bool | None = None,
         backward_fn: Callable[[Tensor], None] | None = None,
         model: nn.Module | None = None,
+        steps_in_backward: bool = False,
     ) -> MTL:
         """Build from a config object, mapping or file; same arguments as the constructor."""
         return cls(
@@ -271,7 +274,116 @@ class MTL:
             communicator=communicator,
             backward_fn=backward_fn,
             model=model,
+            steps_in_backward=steps_in_backward,
         )
+
+    def _build_engine(self) -> GradientEngine:
+        """The gradient engine for the parameters as they are now: :class:`ShardedEngine` when
+        they are sharded by FSDP2 (``DTensor`` s), else :class:`GradientEngine`."""
+        sources = self._sources
+        self._held = [
+            (module, _first_parameter(module))
+            for module in (sources.shared, sources.last_shared, sources.model)
+            if module is not None
+        ]
+        space_module = sources.shared if self.space is Space.PARAMS else sources.last_shared
+        model_named = _named_parameters(sources.model, "model") if sources.model else []
+        # Between a forward and its backward FSDP2's root holds unsharded parameters: name
+        # the sharded ones, where the gradients land.
+        twins = fsdp.sharded_twins(sources.model)
+        if twins:
+            self._shared = fsdp.sharded_view(self._shared, twins)
+            self._last_shared = fsdp.sharded_view(self._last_shared, twins)
+            model_named = fsdp.sharded_view(model_named, twins)
+            self._held = [(module, twins.get(id(p), p)) for module, p in self._held]
+        if fsdp.any_sharded(self._shared, self._last_shared, model_named):
+            self._check_sharded_config()
+            return fsdp.ShardedEngine(
+                self.space,
+                shared=self._shared,
+                last_shared=self._last_shared,
+                communicator=self.communicator,
+                model=sources.model,
+                last_module=sources.last_shared,
+                backward_fn=sources.backward_fn,
+                num_tasks=len(self.tasks),
+            )
+        return GradientEngine(
+            self.space,
+            shared=self._shared,
+            last_shared=self._last_shared,
+            communicator=self.communicator,
+            exact_params=self.config.sync == "exact",
+            layerwise_mode=(
+                # Plugins that read J, and heads weighted apart from the trunk (written from
+                # their own per-task gradients), need the per-task gradients materialised.
+                "materialize"
+                if any(p.needs is Need.JACOBIAN for p in self._gradient_plugins)
+                or self.config.task_specific != "aggregated"
+                else self.config.params_gramian
+            ),
+            module=space_module,
+            backward_fn=sources.backward_fn,
+            model=sources.model,
+            num_tasks=len(self.tasks),
+        )
+
+    def _check_sharded_config(self) -> None:
+        """What space ``params`` cannot do exactly on a sharded model: refused here."""
+        if self.space is not Space.PARAMS:
+            return
+        readers = [key for key, p in self.plugins.items() if p.needs is Need.JACOBIAN]
+        if readers:
+            raise ConfigError(
+                f"plugins {readers} read the per-task gradients themselves (coordinate-wise), "
+                "which FSDP2 shards across ranks: in space 'params' each rank holds other "
+                "coordinates. Use space 'features' for them, or a Gramian-based method"
+            )
+        support.check(support.Engine.FSDP2, support.space_key(self.space.value, self.config.sync))
+        if self.config.params_gramian == "layerwise":
+            raise ConfigError(
+                "params_gramian: layerwise is not available under FSDP2 (the per-task gradients "
+                "are taken as FSDP's reduced shards): use params_gramian: auto or materialize"
+            )
+
+    def _follow(self) -> None:
+        """Follow the modules given when their parameters were replaced since the pipeline was
+        built (``fully_shard``, and Accelerate's ``prepare`` under FSDP2, replace them by
+        sharded ones): same names and shapes, new tensors."""
+        current = [_first_parameter(module) for module, _ in self._held]
+        if all(p is held for p, (_, held) in zip(current, self._held)):
+            return
+        # The root module of FSDP2 holds its unsharded parameters between forward and backward.
+        twins = fsdp.sharded_twins(self._sources.model)
+        if all(p is held or twins.get(id(p)) is held for p, (_, held) in zip(current, self._held)):
+            return
+        if self._pending is not None:
+            raise InputError(
+                "the shared module's parameters were replaced in the middle of an "
+                "accumulation window of space params: apply fully_shard (or prepare) before "
+                "the first backward() of a window"
+            )
+        sources = self._sources
+        shared = _named_parameters(sources.shared, "shared") if sources.shared else self._shared
+        in_shared = {id(p): name for name, p in shared}
+        last = self._last_shared
+        if sources.last_shared is not None:
+            named = _named_parameters(sources.last_shared, "last_shared")
+            last = [(in_shared.get(id(p), name), p) for name, p in named]
+
+        def described(named: list[tuple[str, Tensor]]) -> list[Any]:
+            return [(name, tuple(p.shape)) for name, p in named]
+
+        if described(shared) != described(self._shared) or described(last) != described(
+            self._last_shared
+        ):
+            raise InputError(
+                "the shared modules' parameters changed names or shapes since MTL was built: "
+                "build the MTL after the model is final"
+            )
+        self._engine.close()
+        self._shared, self._last_shared = shared, last
+        self._engine = self._build_engine()
 
     def _settings(self) -> dict[str, Any]:
         """What every rank's pipeline must have alike (compared across ranks when built)."""
@@ -348,6 +460,7 @@ class MTL:
             same (the mean over ranks of the per-rank means).
         :returns: the :class:`StepReport` of this call (also ``mtl.last_report``).
         """
+        self._follow()
         kind = self._call_kind(sync)
         try:
             ordered = self._validate(losses, features)
@@ -477,8 +590,9 @@ class MTL:
     def needs_no_sync(self) -> bool:
         """Whether DDP must not synchronise the backward passes of this pipeline (space
         ``params`` with ``sync: exact`` writes ``.grad`` itself from all-reduced per-task
-        gradients): run the forward under ``model.no_sync()`` then."""
-        return self._engine.writes_directly
+        gradients): run the forward under ``model.no_sync()`` then. Never under FSDP2."""
+        self._follow()
+        return self._engine.needs_no_sync
 
     def state_dict(self) -> dict[str, Any]:
         """Plugin states, the step counter and the generator: a resumed run continues
@@ -685,7 +799,7 @@ class MTL:
         shared, specific = [], []
         for tensor in self._writes.tensors():
             grad = tensor.grad
-            if grad is None or bool(torch.isfinite(grad).all()):
+            if grad is None or bool(torch.isfinite(fsdp.local(grad)).all()):
                 continue
             if id(tensor) in names:
                 shared.append(names[id(tensor)])
@@ -768,14 +882,31 @@ class MTL:
 
     def _written_finite(self, step: Step, extra: list[Tensor]) -> bool:
         """The one host sync after writing: ``extra`` and, without a loss scale (whose
-        GradScaler checks the gradients itself), every gradient this call wrote."""
+        GradScaler checks the gradients itself), every gradient this call wrote. None when
+        the backward stepped (``steps_in_backward``): it was all checked before."""
+        if self._steps_in_backward:
+            return True
         tensors = list(extra)
         if step.loss_scale is None and self.config.check_gradients:
             tensors += self._writes.written()
-        if hostsync.host_flag(hostsync.all_finite(tensors)):
+        flag = hostsync.all_finite(tensors)
+        sharded = self._engine.sharded and self._engine.comm is not None
+        if sharded:
+            # Each rank wrote other shards: every rank follows the verdict on all of them.
+            flag = self._agree_all_ranks(flag)
+        if hostsync.host_flag(flag):
             return True
         # The quick check can suspect entries near the dtype's largest value: make sure.
-        return not hostsync.confirm_nonfinite(tensors)
+        bad = hostsync.confirm_nonfinite(tensors)
+        if sharded:
+            bad = not hostsync.host_flag(self._agree_all_ranks(torch.tensor(not bad)))
+        return not bad
+
+    def _agree_all_ranks(self, flag: Tensor) -> Tensor:
+        """True on every rank when ``flag`` is True on every rank (one all-reduce, no sync)."""
+        assert self._engine.comm is not None
+        bad = self._engine.comm.all_reduce((~flag).to(torch.float64).reshape(1), "max")
+        return bad[0] == 0
 
     def _call_kind(self, sync: bool) -> str:
         """How this call runs, decided alike on every rank: ``fast`` (one weighted backward),
@@ -797,6 +928,29 @@ class MTL:
                 self._engine.join_gradient_sync(len(self.tasks))
         except Exception:  # pragma: no cover - the collective itself broke: keep our error
             pass
+
+    def _checked_before_stepping(self, step: Step, status: Tensor | None) -> bool:
+        """Fast path of a ``backward_fn`` that steps: the one host sync, before it runs (the
+        ranks' status, the losses and their weights)."""
+        parts = [step.losses.double(), step.weights.double().to(step.losses.device)]
+        if status is not None:
+            parts.insert(0, status.to(step.losses.device))
+        host = hostsync.to_host(torch.cat(parts))
+        if status is not None:
+            self._ranks_check(host[: status.numel()])
+        if not _all_finite_host(host[-2 * step.losses.numel() : -step.losses.numel()]):
+            return False
+        self._check_finite_weights(host[-step.losses.numel() :], "loss scaling")
+        return True
+
+    def _micro_losses_finite(self, step: Step, status: Tensor | None) -> bool:
+        """An accumulation micro-step's one host sync: the ranks' status and its losses."""
+        host_values = hostsync.to_host(
+            step.losses if status is None else torch.cat([status, step.losses.double()])
+        )
+        if status is not None:
+            self._ranks_check(host_values[: status.numel()])
+        return _all_finite_host(host_values)
 
     def _synchronise(self, step: Step, leaves: Tensor | None = None) -> Tensor | None:
         """The losses' all-reduce (every rank sees the global values; uneven shards weighted
@@ -823,9 +977,11 @@ class MTL:
 
         if kind == "fast":
             status = self._synchronise(step)
-            if status is not None:
+            if status is not None and not self._steps_in_backward:
                 self._ranks_check(hostsync.to_host(status))
             loss_weights = self._scale_losses(step, timings)
+            if self._steps_in_backward and not self._checked_before_stepping(step, status):
+                return self._nonfinite(step, self._bad_losses(step.losses), start)
             mark = time.perf_counter()
             engine.discard()  # layer records of this forward are not needed
             # Without loss scaling the weights are all one: a plain sum, as cheap as by hand.
@@ -863,29 +1019,40 @@ class MTL:
             )
 
         mark = time.perf_counter()
-        try:
+        accumulating = self._pending is not None or kind == "micro"
+        if engine.sharded:
+            # FSDP's backward passes are collectives: the ranks agree before the first one, and
+            # each rank's losses are weighted (uneven shards) before FSDP averages them.
+            try:
+                engine.check_graph(step.loss_tensors)
+            except Exception:
+                self._fail_together("fast")
+                raise
+            status = self._synchronise(step)
+            if kind == "micro" and not self._micro_losses_finite(step, status):
+                return self._nonfinite(step, self._bad_losses(step.losses), start)
+            if kind != "micro" and status is not None:
+                self._ranks_check(hostsync.to_host(status))
+            status = None
             current = engine.compute(
-                step.loss_tensors,
-                step.features,
-                scale,
-                accumulating=self._pending is not None or kind == "micro",
+                step.loss_tensors, step.features, scale, accumulating=accumulating, writes=writes
             )
-        except Exception:
-            self._fail_together(kind)
-            raise
-        status = self._synchronise(step, leaves=self._leaves_signature(current))
-        if self._call.factor is not None:
-            current.scale_(self._call.factor)
+        else:
+            try:
+                current = engine.compute(
+                    step.loss_tensors, step.features, scale, accumulating=accumulating
+                )
+            except Exception:
+                self._fail_together(kind)
+                raise
+            status = self._synchronise(step, leaves=self._leaves_signature(current))
+            if self._call.factor is not None:
+                current.scale_(self._call.factor)
+            if kind == "micro" and not self._micro_losses_finite(step, status):
+                return self._nonfinite(step, self._bad_losses(step.losses), start)
         timings["task_gradients"] = time.perf_counter() - mark
 
         if kind == "micro":
-            host_values = hostsync.to_host(
-                step.losses if status is None else torch.cat([status, step.losses.double()])
-            )
-            if status is not None:
-                self._ranks_check(host_values[: status.numel()])
-            if not _all_finite_host(host_values):
-                return self._nonfinite(step, self._bad_losses(step.losses), start)
             # The window so far is never changed in place: a failing call leaves it as it was.
             window_losses = step.losses
             if self._pending is not None:
@@ -1084,6 +1251,16 @@ def _to_host(
         host[2 * count : end].reshape(gramian.shape).to(gramian.dtype),
         None if status is None else host[end:],
     )
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """What the engine is built from, kept to rebuild it (:meth:`MTL._follow`)."""
+
+    shared: nn.Module | None
+    last_shared: nn.Module | None
+    model: nn.Module | None
+    backward_fn: Callable[[Tensor], None] | None
 
 
 @dataclass

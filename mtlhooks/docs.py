@@ -1,4 +1,5 @@
-"""Generated documentation: the plugin list, the hook reference, the aggregator property table.
+"""Generated documentation: the plugin list, the hook reference, the aggregator property table,
+the distributed support table.
 
 ``python -m mtlhooks.docs`` rewrites the generated parts of README.md and docs/; the test suite
 fails when they are out of date, so documentation and code cannot drift apart.
@@ -11,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from mtlhooks import hookspecs, registry
+from mtlhooks import hookspecs, registry, support
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +82,13 @@ def _replace_block(text: str, marker: str, content: str) -> str:
 def generated_files() -> dict[Path, str]:
     """The content every generated file should have."""
     readme = ROOT / "README.md"
+    distributed = ROOT / "docs" / "distributed.md"
     files = {
         readme: _replace_block(readme.read_text(encoding="utf-8"), "plugins", plugin_table()),
         ROOT / "docs" / "hooks.md": hooks_reference(),
+        distributed: _replace_block(
+            distributed.read_text(encoding="utf-8"), "support", support.table_markdown()
+        ),
     }
     try:
         from mtlhooks.functional import property_table_markdown

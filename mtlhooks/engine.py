@@ -250,7 +250,23 @@ class GradientEngine:
         backward) when the call materialises them."""
         return self.space is Space.PARAMS and self.exact_params
 
+    @property
+    def needs_no_sync(self) -> bool:
+        """Whether DDP must not synchronise the backward passes (see ``MTL.needs_no_sync``)."""
+        return self.writes_directly
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (FSDP2, :mod:`mtlhooks.fsdp`): taking the per-task
+        gradients then makes collectives, and each rank writes other shards."""
+        return False
+
     # -- per-task gradients ------------------------------------------------------------------
+
+    def check_graph(self, losses: Sequence[Tensor]) -> None:
+        """Checks of the losses' graph that a sharded engine makes before the call's first
+        collective (:meth:`mtlhooks.fsdp.ShardedEngine.check_graph`); none here, where taking
+        the per-task gradients makes no collective."""
 
     def compute(
         self,
@@ -259,8 +275,10 @@ class GradientEngine:
         scale: Tensor | None,
         *,
         accumulating: bool = False,
+        writes: GradWrites | None = None,
     ) -> PerTask:
-        """This process's per-task gradients of the unweighted losses (times ``scale``)."""
+        """This process's per-task gradients of the unweighted losses (times ``scale``).
+        ``writes`` records the ``.grad`` an engine changes while taking them (none here)."""
         count = len(losses)
         self.last_gramian_choice = self.gramian_choice(accumulating)
         if self.last_gramian_choice.mode == "layerwise":
@@ -402,16 +420,7 @@ class GradientEngine:
         The auxiliary objectives (of plugin parameters only) ride along in the same backward, so
         under a loss scale their gradients are scaled like the model's and a GradScaler unscales
         them correctly when they are in its optimizer."""
-        if weights is None:
-            total = losses[0] if len(losses) == 1 else torch.stack(list(losses)).sum()
-        else:
-            total = (
-                torch.stack(list(losses)) * weights.to(losses[0].device, losses[0].dtype)
-            ).sum()
-        if auxiliary:
-            total = total + torch.stack(list(auxiliary)).sum().to(total.dtype)
-        if scale is not None:
-            total = total * scale.to(total.dtype)
+        total = self._weighted_total(losses, weights, scale, auxiliary)
         if self.writes_directly and self.comm is not None:
             # The forward ran under DDP's no_sync (needs_no_sync), so DDP does not average this
             # backward: average its gradients here, as DDP would have.
@@ -424,6 +433,31 @@ class GradientEngine:
                 writes.record([leaf])
                 accumulate(leaf, grad)
             return
+        self._backward(total, writes)
+
+    @staticmethod
+    def _weighted_total(
+        losses: Sequence[Tensor],
+        weights: Tensor | None,
+        scale: Tensor | None,
+        auxiliary: Sequence[Tensor],
+    ) -> Tensor:
+        """``Σ wᵢLᵢ`` (``Σ Lᵢ`` when ``weights`` is None) plus the auxiliary objectives, times
+        ``scale``."""
+        if weights is None:
+            total = losses[0] if len(losses) == 1 else torch.stack(list(losses)).sum()
+        else:
+            total = (
+                torch.stack(list(losses)) * weights.to(losses[0].device, losses[0].dtype)
+            ).sum()
+        if auxiliary:
+            total = total + torch.stack(list(auxiliary)).sum().to(total.dtype)
+        if scale is not None:
+            total = total * scale.to(total.dtype)
+        return total
+
+    def _backward(self, total: Tensor, writes: GradWrites) -> None:
+        """``total.backward()``, or through the framework's ``backward_fn``."""
         writes.record(graph_leaves(total, set()))
         if self.backward_fn is None:
             total.backward()

@@ -14,6 +14,13 @@ places, all through this module, so they can be counted (and tested, on CPU as o
 - an accumulation micro-step of space ``params`` (``sync=False``): **one**, the finiteness check
   of its losses.
 
+Across processes the ranks' status travels with the losses (mtlhooks.ranks) and is read in the
+first of these points, except where a collective would come before it: under FSDP2
+(:mod:`mtlhooks.fsdp`) a call that takes per-task gradients reads it before them (FSDP's
+backward passes are collectives), **three** syncs in all. A ``backward_fn`` that applies the
+optimizer step (``steps_in_backward``, DeepSpeed) is preceded by the check of the losses and
+weights, and nothing is read after it.
+
 Failure paths (a non-finite value found, an error) may read more to say what went wrong. Plugins
 that read device values themselves add their own waits (a loss-scaling plugin runs on the
 device, before the first of these points).
@@ -27,6 +34,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
 
 _local = threading.local()
 
@@ -84,10 +96,14 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     infinity makes the sum non-finite, so a finite sum proves every entry finite; a sum that
     overflows although every entry is finite (entries near the dtype's largest value) is only
     a suspicion, which :func:`confirm_nonfinite` settles on the failure path.
+
+    A sharded tensor (FSDP2's ``DTensor`` gradients) is checked on this rank's shard: agreeing
+    with the other ranks is the caller's (one all-reduce of the flag, no host sync).
     """
     fused: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
+        tensor = _shard(tensor)
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
         key = (tensor.device, tensor.dtype)
@@ -113,10 +129,15 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
 def confirm_nonfinite(tensors: list[Tensor]) -> bool:
     """Whether some entry really is NaN or infinite (the failure path after
     :func:`all_finite` said no: reads every tensor entry by entry)."""
+    local = [_shard(tensor) for tensor in tensors]
     return any(
-        tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-        for tensor in tensors
+        tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()) for tensor in local
     )
+
+
+def _shard(tensor: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor``; any other tensor as it is."""
+    return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 
 _SMALL = 4096

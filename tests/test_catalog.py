@@ -36,7 +36,7 @@ from torch import Tensor
 from mtlhooks import MTL, InputError, Plugin, Setup, Space, Step, TaskGradients, registry
 from mtlhooks import functional as F
 from mtlhooks.cli import main
-from mtlhooks.errors import ConfigError, PluginError
+from mtlhooks.errors import ConfigError
 from mtlhooks.functional import METHODS, Property
 from mtlhooks.plugins.excess_mtl import excess_mtl, initial_excess_mtl_state
 from mtlhooks.plugins.moco import initial_moco_state
@@ -545,7 +545,7 @@ class EchoCommunicator:
 def test_moco_refuses_sync_gramian_across_processes(problem) -> None:
     # with sync: gramian each rank would track its own gradients: refused, nothing written
     config = {"tasks": problem.tasks, "plugins": ["moco"], "sync": "gramian"}
-    with pytest.raises(ConfigError, match="'moco'.*sync: exact"):
+    with pytest.raises(ConfigError, match=r"'moco'.*sync: exact"):
         MTL(config, shared=problem.model.encoder, communicator=EchoCommunicator())
 
 

@@ -652,30 +652,40 @@ def _stub_accelerator(kind: Any, processes: int = 1) -> Any:
     )
 
 
-@pytest.mark.parametrize("plugins", [["pcgrad"], [STATIC]])
-def test_deepspeed_is_refused_with_a_clear_error(plugins: list[Any]) -> None:
+def test_deepspeed_refuses_space_params_with_a_clear_error() -> None:
+    """DeepSpeed: space params is refused (naming the alternatives); loss-level plugins run
+    (tests/test_deepspeed.py runs them, and surgery in features and last_shared)."""
     pytest.importorskip("accelerate")
     from accelerate.utils import DistributedType
 
     from mtlhooks.integrations.accelerate import AcceleratedMTL
 
     _, model = problem(torch.float64)
-    config = {"tasks": TASKS, "plugins": plugins}
-    with pytest.raises(ConfigError, match="DeepSpeed"):
-        AcceleratedMTL(_stub_accelerator(DistributedType.DEEPSPEED), config, shared=model.encoder)
+    deepspeed = _stub_accelerator(DistributedType.DEEPSPEED)
+    with pytest.raises(ConfigError, match=r"DeepSpeed.*FSDP2"):
+        AcceleratedMTL(deepspeed, {"tasks": TASKS, "plugins": ["pcgrad"]}, shared=model.encoder)
+    AcceleratedMTL(deepspeed, {"tasks": TASKS, "plugins": [STATIC]})
 
 
-def test_fsdp_is_refused_for_gradient_plugins_only() -> None:
+def test_fsdp1_is_refused_for_gradient_plugins_and_fsdp2_needs_the_model() -> None:
+    """FSDP1 (flat parameters) only with loss-level plugins; FSDP2 with every plugin, given
+    model= (tests/test_fsdp.py runs it)."""
     pytest.importorskip("accelerate")
     from accelerate.utils import DistributedType
 
     from mtlhooks.integrations.accelerate import AcceleratedMTL
 
     _, model = problem(torch.float64)
-    fsdp = _stub_accelerator(DistributedType.FSDP)
-    with pytest.raises(ConfigError, match=r"FSDP.*pcgrad"):
-        AcceleratedMTL(fsdp, {"tasks": TASKS, "plugins": ["pcgrad"]}, shared=model.encoder)
-    AcceleratedMTL(fsdp, {"tasks": TASKS, "plugins": [STATIC]})
+    fsdp1 = _stub_accelerator(DistributedType.FSDP)
+    with pytest.raises(ConfigError, match=r"FSDP1.*pcgrad.*fsdp_version=2"):
+        AcceleratedMTL(fsdp1, {"tasks": TASKS, "plugins": ["pcgrad"]}, shared=model.encoder)
+    AcceleratedMTL(fsdp1, {"tasks": TASKS, "plugins": [STATIC]})
+    fsdp2 = _stub_accelerator(DistributedType.FSDP)
+    fsdp2.state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    config = {"tasks": TASKS, "plugins": ["pcgrad"]}
+    with pytest.raises(ConfigError, match="model=model"):
+        AcceleratedMTL(fsdp2, config, shared=model.encoder)
+    AcceleratedMTL(fsdp2, config, shared=model.encoder, model=model)
 
 
 def test_an_mtl_without_communicator_is_refused_on_several_processes() -> None:

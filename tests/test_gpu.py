@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from plugin_entries import entry
 from torch import nn
 
 from mtlhooks import MTL, registry, solvers
@@ -69,9 +70,7 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 def _train(plugin: str, model: Net, x: torch.Tensor, steps: int) -> tuple[MTL, list[Any]]:
     """``steps`` calls of one plugin (space auto), with ``after_step``; the reports."""
-    # Krum needs n_byzantine + 3 tasks; the problem has 3.
-    config: Any = {"name": plugin, "n_byzantine": 0} if plugin == "krum" else plugin
-    mtl = MTL({"tasks": TASKS, "plugins": [config], "seed": 5}, shared=model.encoder)
+    mtl = MTL({"tasks": TASKS, "plugins": [entry(plugin)], "seed": 5}, shared=model.encoder)
     mtl.to(device=x.device)
     reports = []
     for _ in range(steps):

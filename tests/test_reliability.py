@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plugin_entries import entry
 
 from mtlhooks import (
     MTL,
@@ -222,12 +223,10 @@ def failing_plugins():
 
 
 def _builtin_config(name: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
     if name == "static":
-        options = {"weights": {"a": 2.0}}
-    if name == "krum":
-        options = {"n_byzantine": 0}  # Krum needs n_byzantine + 3 tasks; the problem has 3
-    return {"name": name, **options}
+        return {"name": name, "weights": {"a": 2.0}}
+    config = entry(name)
+    return config if isinstance(config, dict) else {"name": config}
 
 
 def _states_equal(a: Any, b: Any) -> bool:

@@ -40,8 +40,14 @@ observers that can log to a tracker (``gradstats``) are attached to the accelera
 records reach every tracker given to ``Accelerator(log_with=...)``. ``mtl.accelerator`` is the
 accelerator for plugins and callbacks that want to call ``accelerator.log`` themselves.
 
-DeepSpeed runs the optimizer step inside its own backward and is refused; FSDP is refused for
-plugins that read per-task gradients (loss-level plugins work, through a plain backward).
+FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``) works in every space: pass
+``model=model`` (the module given to ``prepare``); the pipeline, built before or after
+``prepare``, follows the sharded parameters ``prepare`` puts in place (:mod:`mtlhooks.fsdp`).
+DeepSpeed runs the optimizer step inside its own backward: the weighted backward goes through
+``accelerator.backward`` (checked before it, since nothing can be undone after it), ZeRO 1-2
+with loss-level plugins and spaces ``features``/``last_shared`` (``model=`` needed there),
+ZeRO-3 with loss-level plugins only; what is refused and why is declared in
+:mod:`mtlhooks.support`.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
+from mtlhooks import support
 from mtlhooks.config import MTLConfig
 from mtlhooks.core import MTL, ParameterSource
 from mtlhooks.errors import ConfigError, InputError
@@ -73,29 +80,31 @@ def check_supported(accelerator: Accelerator, mtl: MTL) -> None:
     gradient_plugins = [
         key for key, plugin in mtl.plugins.items() if plugin.needs is not Need.NOTHING
     ]
+    space = support.space_key(mtl.space.value, mtl.config.sync)
     if kind == DistributedType.DEEPSPEED:
-        if mtl.space is not Space.NONE:
+        stage = _zero_stage(accelerator)
+        engine = support.Engine.ZERO3 if stage >= 3 else support.Engine.ZERO12
+        support.check(engine, space, gradient_plugins)
+        if not mtl._steps_in_backward:
             raise ConfigError(
-                f"DeepSpeed is not supported with plugins that read per-task gradients "
-                f"({gradient_plugins}, space {mtl.space.value!r}): DeepSpeed reduces, "
-                "partitions and applies the gradients inside its own backward, so there is no "
-                "point where per-task gradients can be combined. Use DDP (accelerate launch "
-                "without a DeepSpeed config) or only loss-level plugins"
+                "under DeepSpeed the weighted backward must go through the DeepSpeed engine, "
+                "which also steps: give AcceleratedMTL a config (not an MTL), so that it routes "
+                "the backward through accelerator.backward"
             )
-        raise ConfigError(
-            "DeepSpeed is not supported yet, even with loss-level plugins only: the weighted "
-            "backward must go through the DeepSpeed engine (accelerator.backward), which "
-            "mtlhooks cannot route yet. Use DDP (accelerate launch without a DeepSpeed config)"
-        )
     if kind == DistributedType.MEGATRON_LM:
         raise ConfigError("Megatron-LM is not supported by mtlhooks")
-    if kind == DistributedType.FSDP and mtl.space is not Space.NONE:
-        raise ConfigError(
-            f"FSDP is not supported with plugins that read per-task gradients "
-            f"({gradient_plugins}, space {mtl.space.value!r}) yet: the parameters are sharded, "
-            "so their per-task gradients (or the per-shard Gramians to sum) are not available "
-            "to mtlhooks. Use DDP, or only loss-level plugins under FSDP"
-        )
+    if kind == DistributedType.FSDP:
+        plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            support.check(support.Engine.FSDP1, space, gradient_plugins)
+        elif mtl._sources.model is None:
+            raise ConfigError(
+                "under FSDP2 pass the model to AcceleratedMTL (model=model, the module you "
+                "give accelerator.prepare): every gradient FSDP writes lands on its sharded "
+                "parameters, which the pipeline must know to write or undo them"
+            )
+        else:
+            support.check(support.Engine.FSDP2, space, gradient_plugins)
     processes = accelerator.num_processes
     if processes > 1:
         communicator = mtl.communicator
@@ -106,6 +115,63 @@ def check_supported(accelerator: Accelerator, mtl: MTL) -> None:
                 f"{found}: build the MTL after Accelerator() (AcceleratedMTL does it for you "
                 "when given a config), or the ranks aggregate different gradients and drift apart"
             )
+
+
+def _zero_stage(accelerator: Accelerator) -> int:
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return int(getattr(plugin, "zero_stage", 0) or 0)
+
+
+class _DeepSpeedOutputs:
+    """The DeepSpeed engine's backward, and the hooks it puts on what its forward returns.
+
+    DeepSpeed (0.18 and later) hooks every tensor its engine's forward returns: the first
+    backward pass through them runs ZeRO's backward prologue and, at its end, the epilogue
+    that reduces the gradients. The per-task gradients (``torch.autograd.grad`` through the
+    heads) must not be that pass: the hooks are lifted while they are taken and put back for
+    the engine's own backward of the weighted losses. A forward hook on ``model`` (the module
+    the engine runs) sees those outputs."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module | None) -> None:
+        self.accelerator = accelerator
+        self.outputs: Any = None
+        self.lifted: list[Any] = []
+        self.handle = None if model is None else model.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.outputs = output
+
+    def lift(self) -> None:
+        managers: list[Any] = []
+        for tensor in _tensors(self.outputs):
+            managers.extend(getattr(tensor, "_backward_hook_managers", ()))
+        for manager in managers:
+            manager.remove_hooks()
+        self.lifted = managers
+
+    def restore(self) -> None:
+        for manager in self.lifted:
+            manager.register_hooks_on_outputs(self.outputs)
+        self.lifted = []
+
+    def backward(self, total: Tensor) -> None:
+        """The one weighted backward through the engine (which steps at the end of an
+        accumulation window). The losses were already divided by the accumulation steps, as
+        ``Accelerator.backward`` does elsewhere: the engine must not divide them again."""
+        self.restore()
+        self.outputs = None
+        self.accelerator.backward(total, scale_wrt_gas=False)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def backward(
@@ -174,20 +240,39 @@ class AcceleratedMTL:
         *,
         shared: ParameterSource | None = None,
         last_shared: ParameterSource | None = None,
+        model: nn.Module | None = None,
         checkpoint: bool = True,
         log: bool = True,
     ) -> None:
         self.accelerator = accelerator
+        self._deepspeed: _DeepSpeedOutputs | None = None
         if isinstance(config, MTL):
-            if shared is not None or last_shared is not None:
+            if shared is not None or last_shared is not None or model is not None:
                 raise InputError(
-                    "AcceleratedMTL got an MTL and shared=/last_shared=: give the parameters "
-                    "to the MTL, or give AcceleratedMTL a config"
+                    "AcceleratedMTL got an MTL and shared=/last_shared=/model=: give the "
+                    "parameters to the MTL, or give AcceleratedMTL a config"
                 )
             self.mtl = config
         else:
-            self.mtl = MTL(config, shared=shared, last_shared=last_shared)
+            deepspeed = None
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                deepspeed = self._deepspeed = _DeepSpeedOutputs(accelerator, model)
+            self.mtl = MTL(
+                config,
+                shared=shared,
+                last_shared=last_shared,
+                # DeepSpeed writes the gradients itself (it is no sharded model of ours).
+                model=None if deepspeed else model,
+                backward_fn=None if deepspeed is None else deepspeed.backward,
+                steps_in_backward=deepspeed is not None,
+            )
         check_supported(accelerator, self.mtl)
+        if self._deepspeed is not None and model is None and self.mtl.space is not Space.NONE:
+            raise ConfigError(
+                f"under DeepSpeed, space {self.mtl.space.value!r} needs the model: pass "
+                "AcceleratedMTL(..., model=model) (the module given to accelerator.prepare), so "
+                "that the per-task gradients are taken apart from DeepSpeed's own backward"
+            )
         self.mtl.to(accelerator.device)
         if checkpoint:
             accelerator.register_for_checkpointing(self.mtl)
@@ -210,7 +295,14 @@ class AcceleratedMTL:
         self, losses: Mapping[str, Tensor], *, features: Tensor | None = None
     ) -> StepReport:
         """Replace ``accelerator.backward(loss)``: see :func:`backward`."""
-        return backward(self.accelerator, self.mtl, losses, features=features)
+        if self._deepspeed is None:
+            return backward(self.accelerator, self.mtl, losses, features=features)
+        if self.mtl.space is not Space.NONE:
+            self._deepspeed.lift()
+        try:
+            return backward(self.accelerator, self.mtl, losses, features=features)
+        finally:
+            self._deepspeed.restore()
 
     @contextmanager
     def no_sync(self, *models: nn.Module) -> Iterator[None]:
@@ -272,8 +364,10 @@ class AcceleratedMTL:
         self.mtl.load_state_dict(state)
 
     def close(self) -> None:
-        """See :meth:`mtlhooks.MTL.close`."""
+        """See :meth:`mtlhooks.MTL.close` (and removes the forward hook DeepSpeed needs)."""
         self.mtl.close()
+        if self._deepspeed is not None and self._deepspeed.handle is not None:
+            self._deepspeed.handle.remove()
 
     def describe(self) -> str:
         """See :meth:`mtlhooks.MTL.describe`."""
