@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 from pathlib import Path
 
@@ -156,14 +157,21 @@ def main() -> None:
         print("test error / σ per task:", json.dumps({t: round(e, 4) for t, e in errors.items()}))
         print(f"replicas identical: {divergence == 0.0} (max deviation {divergence:.3g})")
     accelerator.end_training()
+    accelerator.free_memory()
+
+
+def shut_down() -> None:
+    """Free what holds the process group (the DDP wrapper's reducer and its pending work),
+    then leave together and destroy the group, all while the interpreter is fully alive: gloo
+    objects freed by the interpreter's own teardown abort the process now and then
+    ("terminate called without an active exception", SIGABRT after the run's output)."""
+    gc.collect()
     if torch.distributed.is_initialized():
-        # Leave together and shut the process group down before the interpreter exits: a gloo
-        # group torn down by the exit itself (while the peer is still running, or after the
-        # rank that hosts the store is gone) aborts now and then ("terminate called without an
-        # active exception").
-        accelerator.wait_for_everyone()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 if __name__ == "__main__":
     main()
+    shut_down()
