@@ -263,6 +263,7 @@ CASES: tuple[tuple[str, str, str], ...] = (
 """(space, plugin, params_gramian) measured for each model and task count; ``unchecked``:
 ``check_gradients: false`` (only losses, weights and Gramian checked for NaN/inf)."""
 
+
 def case_config(names: list[str], space: str, method: str, mode: str) -> dict[str, Any]:
     """The pipeline config of one case of :data:`CASES`."""
     config: dict[str, Any] = {"tasks": names, "space": space, "plugins": [method]}

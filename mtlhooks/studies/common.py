@@ -588,7 +588,7 @@ def execute(job: Job) -> dict[str, Any]:
             if job.uw_optimum:
                 losses = {t: loss / (2 * loss.detach()) for t, loss in losses.items()}
             try:
-                report = mtl.backward(losses, features=z)
+                report = mtl.backward(losses, features=z if mtl.takes_features else None)
             except (MTLError, RuntimeError, ValueError, ArithmeticError) as error:
                 kind = "diverged" if isinstance(error, NonFiniteError) else "failed"
                 first_line = str(error).splitlines()[0][:160] if str(error) else ""
@@ -857,7 +857,12 @@ def provenance() -> dict[str, Any]:
                 check=True,
             ).stdout.strip()
             status = subprocess.run(
-                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                # docs/ and the README hold the studies' own outputs (written by earlier
+                # studies of the same `report --run`), not code that produces results.
+                [
+                    *("git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"),
+                    *("--", ".", ":(exclude)docs", ":(exclude)README.md"),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
