@@ -455,7 +455,7 @@ def _grad(parameter: Tensor) -> Tensor:
 
 
 def _key(space: str, method: str, mode: str) -> str:
-    return f"{space}/{method}" + (f" [{mode}]" if space == "params" else "")
+    return f"{space}/{method}" + (f" [{mode}]" if space == "params" or mode == "unchecked" else "")
 
 
 def _torchjd_steps(

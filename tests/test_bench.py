@@ -117,3 +117,10 @@ def test_bad_bench_arguments_are_refused_with_what_to_do():
     if not torch.cuda.is_available():
         with pytest.raises(MTLError, match="--dry-run tests the gpu suite"):
             bench.run(suite="gpu", device="cuda")
+
+
+def test_every_case_has_its_own_key():
+    """Each (space, method, mode) of the bench is built and timed apart (a shared key would
+    time one pipeline twice and print it under two names)."""
+    keys = [bench._key(*case) for case in bench.CASES]
+    assert len(set(keys)) == len(keys)
