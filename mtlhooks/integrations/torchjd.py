@@ -240,7 +240,7 @@ class TorchJD(Plugin):
         assert step.gradients is not None
         matrix = step.gradients.matrix()
         dtype = torch.promote_types(matrix.dtype, torch.float32)
-        matrix = matrix.to(dtype) * step.weights.to(dtype)[:, None]
+        matrix = matrix.to(dtype) * step.weights.to(matrix.device, dtype)[:, None]
         if step.loss_scale is not None:
             matrix = matrix / step.loss_scale.to(dtype)
         return matrix

@@ -117,7 +117,9 @@ class GradDrop(Plugin):
         features = step.features.detach()
         matrix = step.gradients.matrix()
         grads = matrix.reshape(matrix.shape[0], *features.shape)
-        weighted = grads * step.weights.to(matrix.dtype).reshape(-1, *[1] * features.dim())
+        weighted = grads * step.weights.to(matrix.device, matrix.dtype).reshape(
+            -1, *[1] * features.dim()
+        )
         combined = graddrop(
             weighted,
             generator=step.generator,

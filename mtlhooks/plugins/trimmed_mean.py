@@ -86,5 +86,5 @@ class TrimmedMean(Plugin):
         assert isinstance(self.config, TrimmedMeanConfig)
         assert step.gradients is not None
         matrix = step.gradients.matrix()
-        weighted = matrix * step.weights.to(matrix.dtype)[:, None]
+        weighted = matrix * step.weights.to(matrix.device, matrix.dtype)[:, None]
         return trimmed_mean(weighted, trim=self.config.trim)
