@@ -35,7 +35,7 @@ from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
 from mtlhooks.ranks import Ranks, leaves_signature
 from mtlhooks.report import StepReport
 from mtlhooks.step import Step
-from mtlhooks.transaction import GradWrites, check_state, clone_tree
+from mtlhooks.transaction import GradWrites, check_state, clone_tree, share_tree
 
 ParameterSource = nn.Module | Iterable[Tensor]
 
@@ -1184,7 +1184,10 @@ class MTL:
         return self._nonfinite(step, self._bad_gradients(), start)
 
     def _snapshot(self) -> _Snapshot:
-        states = {key: clone_tree(plugin.state_dict()) for key, plugin in self.plugins.items()}
+        states = {
+            key: (share_tree if plugin.replaces_state else clone_tree)(plugin.state_dict())
+            for key, plugin in self.plugins.items()
+        }
         return states, self.generator.get_state(), self._pending
 
     def _restore(self, snapshot: _Snapshot, *, keep_window: bool = False) -> None:

@@ -125,6 +125,11 @@ class Plugin:
     - ``method``: for an aggregator, the declaration of its functional form (the function
       Gramian → weights and the properties it claims, :class:`~mtlhooks.method.MethodSpec`);
       the property tests and ``docs/aggregator-properties.md`` are generated from it.
+    - ``replaces_state``: True when the plugin never writes into the tensors of its
+      ``state_dict()`` in place, only replaces them with new ones. The core's all-or-nothing
+      snapshot then keeps references to them instead of copies (MoCo's tracked gradients are
+      T copies of the shared parameters: a copy per call would be a T×P memory pass). The
+      suite checks the claim for every plugin that makes it.
     """
 
     name: ClassVar[str]
@@ -133,6 +138,7 @@ class Plugin:
     spaces: ClassVar[tuple[Space, ...]] = ()
     needs: Need = Need.NOTHING
     method: ClassVar[MethodSpec | None] = None
+    replaces_state: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig, setup: Setup) -> None:
         self.config = config

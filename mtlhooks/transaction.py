@@ -43,6 +43,20 @@ def clone_tree(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+def share_tree(value: Any) -> Any:
+    """Like :func:`clone_tree`, but tensors are kept by reference: for states whose tensors
+    are replaced, never changed in place (``Plugin.replaces_state``)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, Mapping):
+        return {key: share_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [share_tree(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(share_tree(item) for item in value)
+    return clone_tree(value)
+
+
 def check_state(saved: Any, current: Any, where: str) -> None:
     """Raise :class:`InputError` when ``saved`` cannot be the state of something whose state is
     ``current`` now: other keys, a tensor of another shape or kind of dtype (floating point,

@@ -295,6 +295,69 @@ def test_a_failing_call_changes_nothing(failing_plugins, make_problem, name, sta
     _assert_same_grads(model, _grads(twin_model))
 
 
+def _state_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _state_tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _state_tensors(item)]
+    return []
+
+
+def _writes_state_in_place(mtl: MTL, key: str, step: Any) -> bool:
+    """Whether one call changed a tensor of the plugin's state in place."""
+    held = _state_tensors(mtl.plugins[key].state_dict())
+    copies = [t.clone() for t in held]
+    step()
+    return not all(torch.equal(t, c) for t, c in zip(held, copies))
+
+
+REPLACERS = [info.name for info in registry.builtin_plugins() if info.cls.replaces_state]
+
+
+@pytest.mark.parametrize("name", REPLACERS)
+def test_plugins_that_replace_their_state_never_write_it_in_place(make_problem, name):
+    """``replaces_state`` lets the transaction keep references to the state's tensors instead
+    of copies: the claim is checked over several calls (a wrong claim would make a failed
+    call's rollback restore tensors the call had already changed)."""
+    problem = make_problem()
+    mtl = MTL({"tasks": problem.tasks, "plugins": [entry(name)]}, shared=problem.model.encoder)
+    for _ in range(3):
+        assert not _writes_state_in_place(
+            mtl, name, lambda: _train_step(mtl, problem.model, problem.x, problem.tasks)
+        )
+
+
+def test_the_in_place_check_sees_an_in_place_write(make_problem, registered):
+    class Counter(Plugin):
+        name = "counter_in_place"
+        family = Family.OBSERVER
+
+        def __init__(self, config: Any, setup: Any) -> None:
+            super().__init__(config, setup)
+            self.seen = torch.zeros(1)
+
+        @hookimpl
+        def mtl_observe(self, report: Any) -> None:
+            self.seen.add_(1)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"seen": self.seen}
+
+        def load_state_dict(self, state: Any) -> None:
+            self.seen = state["seen"].clone()
+
+    registered(Counter)
+    problem = make_problem()
+    mtl = MTL(
+        {"tasks": problem.tasks, "plugins": ["counter_in_place"]}, shared=problem.model.encoder
+    )
+    assert _writes_state_in_place(
+        mtl, "counter_in_place", lambda: _train_step(mtl, problem.model, problem.x, problem.tasks)
+    )
+
+
 # -- load_state_dict, after_step --------------------------------------------------------------
 
 

@@ -162,6 +162,7 @@ class ExcessMTL(Plugin):
 
     name = "excess_mtl"
     family = Family.NORM_BALANCING
+    replaces_state = True  # excess_mtl() is pure: its state tensors are new every call
     Config = ExcessMTLConfig
     spaces = (Space.PARAMS, Space.LAST_SHARED)
     needs = Need.JACOBIAN

@@ -145,6 +145,7 @@ class MoCo(Plugin):
 
     name = "moco"
     family = Family.AGGREGATOR
+    replaces_state = True  # moco() is pure: Y and λ are new tensors every call
     Config = MoCoConfig
     spaces = (Space.PARAMS,)
     needs = Need.JACOBIAN
