@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -152,8 +153,17 @@ def main() -> None:
         if cuda:
             print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     mtl.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    shut_down()  # while the model and the process group are alive
+
+
+def shut_down() -> None:
+    """Leave together and end the process without the interpreter's teardown, which aborts or
+    hangs now and then under gloo (see examples/accelerate_train.py)."""
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

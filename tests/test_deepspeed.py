@@ -114,8 +114,6 @@ def _worker(out: Path) -> None:
     for name, scenario in SCENARIOS.items():
         results[name] = train(scenario, rank, world)
     torch.save(results, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -211,5 +209,8 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
+    from worker_exit import exit_worker
+
+    exit_worker()
     sys.stdout.flush()
     os._exit(0)

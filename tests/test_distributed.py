@@ -366,11 +366,6 @@ def _worker(suite: str, out: Path) -> None:
             directory = out / "checkpoint" if name == "acc_checkpoint" else None
             result = train_accelerate(spec, rank, world, checkpoint_dir=directory)
             torch.save(result, out / f"{name}.rank{rank}.pt")
-    # Leave together, and shut the group down before the interpreter's exit tears it down: a
-    # gloo group destroyed by the exit races with the other rank's (rank 0 hosts the store) and
-    # aborts now and then ("terminate called without an active exception").
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
@@ -761,6 +756,9 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
+    from worker_exit import exit_worker
+
+    exit_worker()
     sys.stdout.flush()
     os._exit(0)
 

@@ -298,8 +298,6 @@ def _worker(out: Path) -> None:
     for kind in ("fast", "features", "params", "micro", "nan_raise"):
         results[f"failure_{kind}"] = _failure(kind, rank)
     torch.save(results, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -423,5 +421,8 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
+    from worker_exit import exit_worker
+
+    exit_worker()
     sys.stdout.flush()
     os._exit(0)

@@ -484,8 +484,6 @@ def _worker(out: Path) -> None:
     results["host_syncs"] = _host_syncs(rank)
     results["foreign_leaf"] = _foreign_leaf(rank)
     torch.save(results, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -649,5 +647,8 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
+    from worker_exit import exit_worker
+
+    exit_worker()
     sys.stdout.flush()
     os._exit(0)

@@ -357,5 +357,8 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
+    from worker_exit import exit_worker
+
+    exit_worker()
     sys.stdout.flush()
     os._exit(0)
