@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from mtlhooks.integrations.accelerate import AcceleratedMTL
-from mtlhooks.integrations.ddp import parameter_divergence
+from mtlhooks.integrations.ddp import exit_together, parameter_divergence
 from mtlhooks.problems import MultiTaskMLP, make_regression, regression_errors
 
 
@@ -158,24 +156,8 @@ def main() -> None:
         print("test error / σ per task:", json.dumps({t: round(e, 4) for t, e in errors.items()}))
         print(f"replicas identical: {divergence == 0.0} (max deviation {divergence:.3g})")
     accelerator.end_training()
-    # Here, while the model and the process group are alive, not after main() returns.
-    shut_down()
-
-
-def shut_down() -> None:
-    """Leave together and end the process without freeing the distributed objects. Freeing
-    them (DDP's reducer, the gloo group) at or near exit aborts now and then (SIGABRT,
-    "terminate called without an active exception": gloo's worker threads still hold objects
-    with Python references, pytorch#179291) or hangs. Both were seen in this project's suite,
-    about once in a dozen runs: the abort at exit; the hang both after
-    ``destroy_process_group()`` and while main()'s locals were freed. Everything this script
-    writes is written and closed by now (the checkpoint, the trackers through
-    ``end_training``)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # While the model and the process group are alive, not after main() returns.
+    exit_together()
 
 
 if __name__ == "__main__":

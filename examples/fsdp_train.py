@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mtlhooks import MTL
+from mtlhooks.integrations.ddp import exit_together
 from mtlhooks.problems import MultiTaskMLP, make_regression, regression_errors
 
 
@@ -153,17 +153,8 @@ def main() -> None:
         if cuda:
             print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     mtl.close()
-    shut_down()  # while the model and the process group are alive
-
-
-def shut_down() -> None:
-    """Leave together and end the process without the interpreter's teardown, which aborts or
-    hangs now and then under gloo (see examples/accelerate_train.py)."""
-    if dist.is_initialized():
-        dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # While the model and the process group are alive, not after main() returns.
+    exit_together()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -203,14 +202,6 @@ def test_deepspeed_refusals_name_the_alternative(
 
 
 if __name__ == "__main__":
-    try:
-        _worker(Path(sys.argv[1]))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    from worker_exit import exit_worker
+    from worker_exit import run_worker
 
-    exit_worker()
-    sys.stdout.flush()
-    os._exit(0)
+    run_worker(_worker, Path(sys.argv[1]))

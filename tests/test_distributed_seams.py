@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -415,14 +414,6 @@ def test_uneven_batch_size_must_be_an_integer() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        _worker(Path(sys.argv[1]))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    from worker_exit import exit_worker
+    from worker_exit import run_worker
 
-    exit_worker()
-    sys.stdout.flush()
-    os._exit(0)
+    run_worker(_worker, Path(sys.argv[1]))

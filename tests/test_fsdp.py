@@ -14,7 +14,6 @@ import copy
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -641,14 +640,6 @@ def test_gramian_methods_cover_the_registry() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        _worker(Path(sys.argv[1]))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    from worker_exit import exit_worker
+    from worker_exit import run_worker
 
-    exit_worker()
-    sys.stdout.flush()
-    os._exit(0)
+    run_worker(_worker, Path(sys.argv[1]))

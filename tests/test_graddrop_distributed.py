@@ -60,7 +60,6 @@ def test_graddrop_on_two_ranks_equals_one_process_on_the_global_batch(
 
 
 if __name__ == "__main__":
-    from worker_exit import exit_worker
+    from worker_exit import run_worker
 
-    _worker(Path(sys.argv[1]))
-    exit_worker()
+    run_worker(_worker, Path(sys.argv[1]))

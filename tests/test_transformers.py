@@ -11,7 +11,6 @@ import os
 import runpy
 import shutil
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -351,14 +350,6 @@ def test_the_example_runs_and_resumes(
 
 
 if __name__ == "__main__":
-    try:
-        _worker(Path(sys.argv[1]))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    from worker_exit import exit_worker
+    from worker_exit import run_worker
 
-    exit_worker()
-    sys.stdout.flush()
-    os._exit(0)
+    run_worker(_worker, Path(sys.argv[1]))

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
-import torch
+from mtlhooks.integrations.ddp import exit_together
 
 
-def exit_worker() -> None:
-    """Leave together, then end the process without the interpreter's teardown: a gloo group
-    torn down at exit aborts now and then (SIGABRT, "terminate called without an active
-    exception", pytorch#179291) or hangs (seen here after ``destroy_process_group()`` had
-    returned: the main thread in interpreter finalisation, a gloo thread still alive). The
-    worker's results are saved before this is called."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def run_worker(worker: Callable[..., Any], *args: Any) -> None:
+    """Run a worker of a multi-process test and end its process: on an error, print the
+    traceback and exit 1 at once (the other ranks fail in their next collective); otherwise
+    leave together and exit 0 without the interpreter's teardown of gloo
+    (:func:`mtlhooks.integrations.ddp.exit_together`). The worker saves its results first."""
+    try:
+        worker(*args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
+    exit_together()
