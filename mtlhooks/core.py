@@ -245,7 +245,14 @@ class MTL:
             return
         if self.space is not Space.PARAMS:
             return
-        combining = [key for key, p in self.plugins.items() if hasattr(p, "mtl_combine")]
+        # Plugins whose mtl_combine can answer: those that read J itself here (GradVac's
+        # whole-model mode and the TorchJD adapter's Gramian methods implement the hook but
+        # work from the Gramian, which sync: gramian does make global).
+        combining = [
+            key
+            for key, p in self.plugins.items()
+            if p.needs is Need.JACOBIAN and hasattr(p, "mtl_combine")
+        ]
         if combining:
             raise ConfigError(
                 f"plugin(s) {', '.join(map(repr, combining))} build the update from the task "

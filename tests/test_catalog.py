@@ -549,6 +549,24 @@ def test_moco_refuses_sync_gramian_across_processes(problem) -> None:
         MTL(config, shared=problem.model.encoder, communicator=EchoCommunicator())
 
 
+@pytest.mark.parametrize(
+    ("plugin", "refused"),
+    [
+        ({"name": "trimmed_mean", "trim": 1}, True),
+        ({"name": "gradvac", "granularity": "all_layer"}, True),
+        ("gradvac", False),  # whole model: from the Gramian, which sync: gramian makes global
+        ("upgrad", False),
+    ],
+)
+def test_sync_gramian_refuses_exactly_the_plugins_that_combine_j(problem, plugin, refused) -> None:
+    config = {"tasks": problem.tasks, "space": "params", "plugins": [plugin], "sync": "gramian"}
+    if refused:
+        with pytest.raises(ConfigError, match="sync: exact"):
+            MTL(config, shared=problem.model.encoder, communicator=EchoCommunicator())
+    else:
+        MTL(config, shared=problem.model.encoder, communicator=EchoCommunicator())
+
+
 @pytest.mark.parametrize("space", ["last_shared", "features"])
 def test_moco_refuses_spaces_without_the_parameters_it_tracks(problem, space) -> None:
     config = {"tasks": problem.tasks, "space": space, "plugins": ["moco"]}
