@@ -752,3 +752,130 @@ if __name__ == "__main__":
     from worker_exit import run_worker
 
     run_worker(_worker, sys.argv[1], Path(sys.argv[2]))
+
+
+def test_static_graph_ddp_is_refused_with_per_task_gradients() -> None:
+    _, model = problem(torch.float64)
+    exact = MTL({"tasks": TASKS, "plugins": ["pcgrad"], "space": "params"}, shared=model.encoder)
+    with pytest.raises(InputError, match="static_graph"):
+        mtl_ddp.check(exact, FakeDDP(static_graph=True))
+    mtl_ddp.check(MTL({"tasks": TASKS, "plugins": [STATIC]}), FakeDDP(static_graph=True))
+    mtl_ddp.check(exact, FakeDDP())
+
+
+def test_accelerated_no_sync_follows_needs_no_sync() -> None:
+    """``AcceleratedMTL.no_sync`` (and so ``accumulate``) enters ``accelerator.no_sync`` for
+    space params with sync: exact, whatever the accumulation step; not for features."""
+    pytest.importorskip("accelerate")
+    from accelerate.utils import DistributedType
+
+    from mtlhooks.integrations.accelerate import AcceleratedMTL
+
+    entered: list[Any] = []
+
+    def no_sync(model: Any) -> Any:
+        entered.append(model)
+        return nullcontext()
+
+    stub = _stub_accelerator(DistributedType.NO)
+    stub.no_sync = no_sync
+    _, model = problem(torch.float64)
+    for plugins, space, expected in [(["pcgrad"], "params", 1), (["mgda"], "features", 0)]:
+        entered.clear()
+        config = {"tasks": TASKS, "plugins": plugins, "space": space}
+        mtl = AcceleratedMTL(stub, config, shared=model.encoder)
+        with mtl.no_sync(model):
+            pass
+        assert len(entered) == expected
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_features_copied_by_accelerate_mixed_precision_get_a_clear_error() -> None:
+    """Under mixed precision Accelerate returns float32 copies of half-precision outputs; a
+    ``z`` copied that way is not upstream of the losses, and the error says what to change."""
+    from accelerate import Accelerator
+
+    from mtlhooks.integrations.accelerate import AcceleratedMTL
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    data, model = problem(torch.float32, net=MultiTaskMLP)  # returns z as computed: bf16
+    mtl = AcceleratedMTL(accelerator, {"tasks": TASKS, "plugins": ["mgda"], "space": "features"})
+    net = accelerator.prepare(model)
+    z, outputs = net(data.x_train[:8])
+    assert z.dtype == torch.float32
+    with pytest.raises(InputError, match=r"z = self.encoder\(x\).float\(\)"):
+        mtl.backward(data.losses(outputs, {t: data.y_train[t][:8] for t in TASKS}), features=z)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_save_state_in_the_middle_of_a_window_writes_nothing(tmp_path: Path) -> None:
+    """``accelerator.save_state`` between the micro-steps of space params is refused before
+    Accelerate writes the model, optimizer or RNG files (it used to write them, then fail)."""
+    from accelerate import Accelerator
+
+    from mtlhooks.integrations.accelerate import AcceleratedMTL
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    data, model = problem(torch.float64)
+    config = {"tasks": TASKS, "plugins": ["pcgrad"], "space": "params"}
+    mtl = AcceleratedMTL(accelerator, config, shared=model.encoder)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    net, optimizer = accelerator.prepare(model, optimizer)
+    x, y = data.x_train[:4], {t: v[:4] for t, v in data.y_train.items()}
+    with mtl.accumulate(net):
+        _, outputs = net(x)
+        assert mtl.backward(data.losses(outputs, y)).accumulating
+    target = tmp_path / "checkpoint"
+    with pytest.raises(InputError, match="nothing was written"):
+        accelerator.save_state(str(target))
+    assert not target.exists() or not any(target.iterdir())
+    with mtl.accumulate(net):
+        _, outputs = net(x)
+        mtl.backward(data.losses(outputs, y))
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.save_state(str(target))
+    assert any(target.iterdir())
+
+
+def test_a_skipped_synchronising_micro_step_ends_the_accumulation_window() -> None:
+    """Space params with ``on_nonfinite: skip``: a non-finite loss at the micro-step that
+    synchronises skips the optimizer step; the micro-steps before it must not leak into the next
+    window (and ``state_dict`` works again)."""
+    data, model = problem(torch.float64)
+    config = {"tasks": TASKS, "plugins": ["pcgrad"], "space": "params", "on_nonfinite": "skip"}
+
+    def halves(net: torch.nn.Module, rows: slice) -> dict[str, torch.Tensor]:
+        _, outputs = net(data.x_train[rows])
+        targets = {t: data.y_train[t][rows] for t in TASKS}
+        return {t: loss / 2 for t, loss in data.losses(outputs, targets).items()}
+
+    mtl = MTL(config, shared=model.encoder)
+    mtl.backward(halves(model, slice(0, 4)), sync=False)
+    poisoned = halves(model, slice(4, 8))
+    poisoned["t0"] = poisoned["t0"] * float("inf")
+    assert mtl.backward(poisoned, sync=True).skipped
+    mtl.state_dict()
+    mtl.backward(halves(model, slice(8, 12)), sync=False)
+    mtl.backward(halves(model, slice(12, 16)), sync=True)
+
+    clean = copy.deepcopy(model)
+    for p in clean.parameters():
+        p.grad = None
+    fresh = MTL(config, shared=clean.encoder)
+    fresh.backward(halves(clean, slice(8, 12)), sync=False)
+    fresh.backward(halves(clean, slice(12, 16)), sync=True)
+    for (name, p), q in zip(model.named_parameters(), clean.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
