@@ -9,7 +9,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -70,6 +70,16 @@ def _first_parameter(module: nn.Module) -> Tensor | None:
     """The module's first parameter that requires grad (what :meth:`MTL._follow` watches)."""
     module = getattr(module, "_orig_mod", module)
     return next((p for p in module.parameters() if p.requires_grad), None)
+
+
+def _parameter_slot(module: nn.Module, parameter: Tensor | None) -> tuple[nn.Module, str] | None:
+    """Where ``module`` holds ``parameter``: its owning sub-module and its name there."""
+    module = getattr(module, "_orig_mod", module)
+    for qualified, candidate in module.named_parameters():
+        if candidate is parameter:
+            owner, _, name = qualified.rpartition(".")
+            return module.get_submodule(owner), name
+    return None
 
 
 def _last_layer(module: nn.Module) -> nn.Module:
@@ -303,6 +313,8 @@ class MTL:
             self._last_shared = fsdp.sharded_view(self._last_shared, twins)
             model_named = fsdp.sharded_view(model_named, twins)
             self._held = [(module, twins.get(id(p), p)) for module, p in self._held]
+        # Where each watched parameter sits, so that _follow sees it still there in O(1).
+        self._slots = None if twins else [(_parameter_slot(m, p), p) for m, p in self._held]
         if fsdp.any_sharded(self._shared, self._last_shared, model_named):
             self._check_sharded_config()
             return fsdp.ShardedEngine(
@@ -357,6 +369,11 @@ class MTL:
         """Follow the modules given when their parameters were replaced since the pipeline was
         built (``fully_shard``, and Accelerate's ``prepare`` under FSDP2, replace them by
         sharded ones): same names and shapes, new tensors."""
+        if self._slots is not None and all(
+            slot is not None and slot[0]._parameters.get(slot[1]) is held
+            for slot, held in self._slots
+        ):
+            return  # every watched parameter is where it was (checked once per call: cheap)
         current = [_first_parameter(module) for module, _ in self._held]
         if all(p is held for p, (_, held) in zip(current, self._held)):
             return
@@ -896,6 +913,8 @@ class MTL:
         tensors = list(extra)
         if step.loss_scale is None and self.config.check_gradients:
             tensors += self._writes.written()
+        if not tensors:
+            return True  # everything was checked on the host before writing
         flag = hostsync.all_finite(tensors)
         sharded = self._engine.sharded and self._engine.comm is not None
         if sharded:
@@ -989,6 +1008,19 @@ class MTL:
             loss_weights = self._scale_losses(step, timings)
             if self._steps_in_backward and not self._checked_before_stepping(step, status):
                 return self._nonfinite(step, self._bad_losses(step.losses), start)
+            # One process with losses and weights on the host: they are checked before the
+            # backward (reading them costs no sync, and bad ones leave nothing to undo). On a
+            # device they are checked after it, with the gradients, in the call's one sync;
+            # across processes too, so that every rank runs the same backward collectives.
+            checked_before = self._steps_in_backward or (
+                self._ranks is None
+                and self._engine.comm is None
+                and _on_host(step.losses, step.weights)
+            )
+            if checked_before and not self._steps_in_backward:
+                if not _all_finite_host(step.losses):
+                    return self._nonfinite(step, self._bad_losses(step.losses), start)
+                self._check_finite_weights(step.weights, "loss scaling")
             mark = time.perf_counter()
             engine.discard()  # layer records of this forward are not needed
             # Without loss scaling the weights are all one: a plain sum, as cheap as by hand.
@@ -1013,7 +1045,8 @@ class MTL:
                     auxiliary=step.auxiliary_losses,
                     writes=writes,
                 )
-            if not self._written_finite(step, [step.losses, step.weights]):
+            extra = [] if checked_before else [step.losses, step.weights]
+            if not self._written_finite(step, extra):
                 return self._after_nonfinite_write(step, start)
             timings["backward"] = time.perf_counter() - mark
             return self._report(
@@ -1221,14 +1254,20 @@ def _autocast_enabled(device_type: str) -> bool:
         return device_type == "cuda" and bool(torch.is_autocast_enabled())
 
 
-@contextmanager
-def _no_autocast(device: torch.device) -> Iterator[None]:
+def _no_autocast(device: torch.device) -> AbstractContextManager[Any]:
     """Autocast off for the device types in use (where it is on)."""
-    with ExitStack() as stack:
-        for device_type in {device.type, "cpu"}:
-            if _autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
+    enabled = [kind for kind in dict.fromkeys((device.type, "cpu")) if _autocast_enabled(kind)]
+    if not enabled:
+        return nullcontext()
+    stack = ExitStack()
+    for device_type in enabled:
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def _on_host(*tensors: Tensor) -> bool:
+    """Whether every tensor is on the CPU, where reading it costs no device sync."""
+    return all(tensor.device.type == "cpu" for tensor in tensors)
 
 
 def _all_finite_host(tensor: Tensor) -> bool:

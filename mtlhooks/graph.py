@@ -13,21 +13,25 @@ from mtlhooks.errors import InputError
 
 def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
     """Leaf tensors that ``root.backward()`` would accumulate into, except those in ``exclude``
-    (by ``id``), in a deterministic order (depth-first from ``root``)."""
+    (by ``id``), in a deterministic order (depth-first from ``root``).
+
+    It runs on every call of the fast path, so it is written for speed: nodes themselves are
+    the members of ``seen`` (each node's Python object lives as long as the graph), and the
+    stack's methods are bound once."""
     leaves: list[Tensor] = []
-    seen: set[int] = set()
+    seen: set[object] = {None}
     stack = [root.grad_fn]
+    pop, extend, add = stack.pop, stack.extend, seen.add
     while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
+        node = pop()
+        if node in seen:
             continue
-        seen.add(id(node))
+        add(node)
         variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in exclude:
-                leaves.append(variable)
-            continue
-        stack.extend(next_node for next_node, _ in reversed(node.next_functions))
+        if variable is None:
+            extend([child for child, _ in node.next_functions][::-1])
+        elif id(variable) not in exclude:
+            leaves.append(variable)
     return leaves
 
 

@@ -103,14 +103,16 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     fused: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
-        tensor = _shard(tensor)
-        if not tensor.is_floating_point() or tensor.numel() == 0:
+        if DTensor is not None and isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        if not tensor.is_floating_point():
             continue
-        key = (tensor.device, tensor.dtype)
-        if tensor.device.type == "cuda" and tensor.is_contiguous() and tensor.numel() > _SMALL:
+        device = tensor.device
+        key = (device, tensor.dtype)
+        if device.type == "cuda" and tensor.numel() > _SMALL and tensor.is_contiguous():
             fused.setdefault(key, []).append(tensor)
         else:
-            sums.setdefault(key, []).append(tensor.sum())
+            sums.setdefault(key, []).append(tensor.sum())  # an empty tensor sums to 0
     # The sum of the sums is non-finite exactly when one of them is (or it overflows: then
     # confirm_nonfinite decides).
     flags = [torch.isfinite(torch.stack(parts).sum()) for parts in sums.values()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mtlhooks import MTL
 
@@ -110,6 +110,35 @@ def test_one_shared_walk_finds_each_losss_leaves(name):
         assert expected
         assert len({id(leaf) for leaf in leaves}) == len(leaves)
         assert {id(leaf) for leaf in leaves} == {id(leaf) for leaf in expected}
+
+
+@pytest.mark.parametrize("name", ["residual", "attention", "mlp", "diamond"])
+def test_graph_leaves_are_exactly_the_tensors_backward_writes(name):
+    """Against autograd itself: every leaf found gets a gradient from ``root.backward()``, and
+    every tensor that gets one was found, once; the order is the same on every walk."""
+    import gc
+    import warnings
+
+    from mtlhooks.graph import graph_leaves
+
+    roots, shared = _graph(name)
+    root = torch.stack(roots).sum()
+    found = graph_leaves(root, set())
+    assert [id(leaf) for leaf in graph_leaves(root, set())] == [id(leaf) for leaf in found]
+    assert len({id(leaf) for leaf in found}) == len(found)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on deprecated torch objects warns
+        candidates = [
+            obj for obj in gc.get_objects() if isinstance(obj, Tensor) and obj.requires_grad
+        ]
+    leaves = [t for t in candidates if t.is_leaf]
+    for leaf in leaves:
+        leaf.grad = None
+    root.backward()
+    written = {id(t) for t in leaves if t.grad is not None}
+    assert written == {id(leaf) for leaf in found}
+    excluded = graph_leaves(root, {id(p) for p in shared})
+    assert {id(leaf) for leaf in excluded} == written - {id(p) for p in shared}
 
 
 def test_a_leaf_outside_shared_reached_by_every_loss_is_written_once(problem):
