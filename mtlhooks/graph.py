@@ -29,7 +29,7 @@ def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
         add(node)
         variable = getattr(node, "variable", None)
         if variable is None:
-            extend([child for child, _ in node.next_functions][::-1])
+            extend([child for child, _ in node.next_functions][::-1])  # type: ignore[union-attr]
         elif id(variable) not in exclude:
             leaves.append(variable)
     return leaves
