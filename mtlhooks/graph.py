@@ -4,6 +4,7 @@ reached."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 from torch.autograd.graph import Node
@@ -15,22 +16,28 @@ def graph_leaves(root: Tensor, exclude: set[int]) -> list[Tensor]:
     """Leaf tensors that ``root.backward()`` would accumulate into, except those in ``exclude``
     (by ``id``), in a deterministic order (depth-first from ``root``).
 
-    It runs on every call of the fast path, so it is written for speed: nodes themselves are
-    the members of ``seen`` (each node's Python object lives as long as the graph), and the
-    stack's methods are bound once."""
+    It runs on every call of the fast path, so it is written for speed: each node is pushed
+    once (nodes themselves are the members of ``seen``: each node's Python object lives as long
+    as the graph), and only a node without inputs (a gradient accumulator) is asked for its
+    ``variable``."""
     leaves: list[Tensor] = []
-    seen: set[object] = {None}
-    stack = [root.grad_fn]
-    pop, extend, add = stack.pop, stack.extend, seen.add
+    first = root.grad_fn
+    if first is None:
+        return leaves
+    seen: set[object] = {first, None}
+    stack: list[Any] = [first]  # autograd nodes (torch types their inputs as optional)
+    pop, push, add = stack.pop, stack.append, seen.add
     while stack:
         node = pop()
-        if node in seen:
+        inputs = node.next_functions
+        if inputs:
+            for child, _ in reversed(inputs):
+                if child not in seen:
+                    add(child)
+                    push(child)
             continue
-        add(node)
         variable = getattr(node, "variable", None)
-        if variable is None:
-            extend([child for child, _ in node.next_functions][::-1])  # type: ignore[union-attr]
-        elif id(variable) not in exclude:
+        if variable is not None and id(variable) not in exclude:
             leaves.append(variable)
     return leaves
 
