@@ -245,6 +245,13 @@ class MTL:
         for key in reversed(wanted):
             self._manager.register(self.plugins[key], name=key)
         self._check_call_order(wanted)
+        # The plugins are fixed from here on: a call skips pluggy's dispatch where nothing but
+        # the core implements mtl_backward, and where nothing observes.
+        hooks = self._manager.hook
+        self._core_only = [i.plugin_name for i in hooks.mtl_backward.get_hookimpls()] == [
+            "mtlhooks.core"
+        ]
+        self._observed = bool(hooks.mtl_observe.get_hookimpls())
 
     def _refuse_local_combination(self) -> None:
         """A plugin that builds the update from J itself (MoCo, TrimmedMean) needs the global
@@ -518,12 +525,17 @@ class MTL:
             # precision, whatever the ambient autocast; the per-task backward passes keep the
             # precision autocast gave the forward.
             with _no_autocast(ordered[0].device):
-                report: StepReport = self._manager.hook.mtl_backward(step=step)
+                report: StepReport = (
+                    self._run(step)
+                    if self._core_only
+                    else self._manager.hook.mtl_backward(step=step)
+                )
             if report.skipped:
                 # Nothing of a skipped step stays but the event itself (observers are told) and,
                 # at a synchronising call, the end of the accumulation window it discarded.
                 self._restore(before, keep_window=True)
-            self._manager.hook.mtl_observe(report=report)
+            if self._observed:
+                self._manager.hook.mtl_observe(report=report)
         except BaseException as error:
             self._writes.rollback()
             self._restore(before)
@@ -534,7 +546,8 @@ class MTL:
                 # A plugin that choked on a NaN/inf loss: the loss is the cause, and the policy
                 # for it applies.
                 report = self._nonfinite(step, self._bad_losses(values), time.perf_counter())
-                self._manager.hook.mtl_observe(report=report)
+                if self._observed:
+                    self._manager.hook.mtl_observe(report=report)
             else:
                 raise _translate(error) from error
         self._writes.commit()
