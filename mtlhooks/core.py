@@ -252,6 +252,7 @@ class MTL:
             "mtlhooks.core"
         ]
         self._observed = bool(hooks.mtl_observe.get_hookimpls())
+        self._ones = _Ones()
 
     def _refuse_local_combination(self) -> None:
         """A plugin that builds the update from J itself (MoCo, TrimmedMean) needs the global
@@ -500,13 +501,13 @@ class MTL:
         except Exception as error:
             self._fail_together(kind)
             raise error from None
-        dtype = torch.promote_types(ordered[0].dtype, torch.float32)
+        dtype = _working_dtype(ordered[0].dtype)
         values = torch.stack(ordered).detach().to(dtype)  # stack promotes mixed dtypes
         step = Step(
             index=self._index,
             tasks=self.tasks,
             losses=values,
-            weights=torch.ones_like(values),
+            weights=self._ones.like(values),
             space=self.space,
             generator=self.generator,
             loss_tensors=ordered,
@@ -1276,6 +1277,33 @@ def _no_autocast(device: torch.device) -> AbstractContextManager[Any]:
     for device_type in enabled:
         stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
+
+
+_WORKING_DTYPES: dict[torch.dtype, torch.dtype] = {}
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The losses' dtype promoted to at least float32 (memoised: ``promote_types`` is a
+    dispatched op, and each distinct op a call runs costs cache misses after a forward)."""
+    promoted = _WORKING_DTYPES.get(dtype)
+    if promoted is None:
+        promoted = _WORKING_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return promoted
+
+
+class _Ones:
+    """Fresh tensors of ones like the losses, cloned from one kept per shape, dtype and
+    device: the call's initial weights, made by the same op (``clone``) it runs anyway."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[torch.Size, torch.dtype, torch.device], Tensor] = {}
+
+    def like(self, values: Tensor) -> Tensor:
+        key = (values.shape, values.dtype, values.device)
+        ones = self._kept.get(key)
+        if ones is None:
+            ones = self._kept[key] = torch.ones_like(values)
+        return ones.clone()
 
 
 def _on_host(*tensors: Tensor) -> bool:

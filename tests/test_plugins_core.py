@@ -60,6 +60,22 @@ def test_static_weights_and_normalize(problem):
         torch.testing.assert_close(grad, expected[name])
 
 
+def test_static_weights_keep_float64_after_float32_calls():
+    """The plugin keeps its weights converted to the losses' dtype between calls: a float32
+    call must not round what a later float64 call gets (kept from the float64 original)."""
+    config = {"tasks": ["a", "b", "c"], "plugins": [{"name": "static", "normalize": True}]}
+    mtl = MTL(config)
+    weights = {}
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        x = torch.ones(2, dtype=dtype, requires_grad=True)
+        report = mtl.backward({t: (x * (i + 1)).sum() for i, t in enumerate("abc")})
+        assert report.weights is not None
+        weights[dtype] = report.weights
+    assert weights[torch.float64].dtype == torch.float64
+    assert torch.equal(weights[torch.float64], torch.full((3,), 1.0, dtype=torch.float64) / 3)
+    assert torch.equal(weights[torch.float32], torch.full((3,), 1.0 / 3, dtype=torch.float32))
+
+
 # -- avgnorm ------------------------------------------------------------------------------------
 
 

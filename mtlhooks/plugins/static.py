@@ -46,6 +46,7 @@ class Static(Plugin):
         values = [config.weights.get(task, config.default) for task in setup.tasks]
         scale = 1.0 / setup.num_tasks if config.normalize else 1.0
         self._weights = torch.tensor(values, dtype=torch.float64) * scale
+        self._converted = self._weights
 
     @classmethod
     def check_config(cls, config: PluginConfig, tasks: tuple[str, ...]) -> None:
@@ -56,4 +57,9 @@ class Static(Plugin):
 
     @hookimpl
     def mtl_scale_losses(self, step: Step) -> None:
-        step.weights = step.weights * self._weights.to(step.weights.device, step.weights.dtype)
+        weights = self._converted
+        if weights.dtype != step.weights.dtype or weights.device != step.weights.device:
+            # Kept converted (from the float64 original): the losses keep their dtype and
+            # device from step to step.
+            weights = self._converted = self._weights.to(step.weights.device, step.weights.dtype)
+        step.weights = step.weights * weights

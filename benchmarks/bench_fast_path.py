@@ -1,0 +1,128 @@
+"""Where the fast path's cost goes: space ``none`` against a plain ``backward()``, step by step.
+
+Usage: ``python benchmarks/bench_fast_path.py [--model mlp] [--tasks 4] [--rounds 800]``
+
+Each round runs every variant below once, in a new shuffled order, on the same model and
+batch, each on a step that begins with ``p.grad = None`` (or, with ``--accumulating``, with every
+``.grad`` holding values, as in an accumulation micro-step); a variant's figure is a low
+quantile (``--quantile``, default 0.3) of its steps' thread CPU time, which a shared machine's
+interference disturbs least. The variants add one piece of what ``mtl.backward`` does at a time:
+
+- ``plain``: ``sum(losses).backward()``;
+- ``weighted``: ``(torch.stack(losses) * w).sum().backward()``;
+- ``walk``: the same, after the graph walk that records the written leaves for the rollback;
+- ``engine``: the engine's ``weighted_backward`` (the walk, the rollback record, the backward);
+- ``unchecked``: ``mtl.backward`` with ``check_gradients: false``;
+- ``checked``: ``mtl.backward`` with every written gradient checked for NaN/inf.
+
+The differences between neighbours are what each piece costs in place (after a forward pass,
+with cold caches), which is several times what it costs timed alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mtlhooks import MTL, bench
+from mtlhooks.graph import graph_leaves
+from mtlhooks.transaction import GradWrites
+
+Variant = Callable[[dict[str, Tensor]], object]
+
+
+def variants(mtl_unchecked: MTL, mtl_checked: MTL, tasks: int, sync: bool) -> dict[str, Variant]:
+    weights = torch.ones(tasks)
+    engine = mtl_unchecked._engine
+
+    def plain(losses: dict[str, Tensor]) -> None:
+        sum(losses.values()).backward()  # type: ignore[union-attr]
+
+    def weighted(losses: dict[str, Tensor]) -> None:
+        (torch.stack(list(losses.values())) * weights).sum().backward()
+
+    def walk(losses: dict[str, Tensor]) -> None:
+        total = (torch.stack(list(losses.values())) * weights).sum()
+        writes = GradWrites()
+        writes.record(graph_leaves(total, set()))
+        total.backward()
+        writes.commit()
+
+    def through_engine(losses: dict[str, Tensor]) -> None:
+        writes = GradWrites()
+        engine.weighted_backward(list(losses.values()), weights, None, writes=writes)
+        writes.commit()
+
+    return {
+        "plain": plain,
+        "weighted": weighted,
+        "walk": walk,
+        "engine": through_engine,
+        "unchecked": lambda losses: mtl_unchecked.backward(losses, sync=sync),
+        "checked": lambda losses: mtl_checked.backward(losses, sync=sync),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=sorted(bench.MODELS))
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=800)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--quantile", type=float, default=0.3)
+    parser.add_argument("--accumulating", action="store_true", help="steps on held gradients")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, x, targets = bench._build(args.model, args.tasks, torch.device("cpu"), False, 0)
+    names = [f"t{i}" for i in range(args.tasks)]
+    params = list(model.parameters())
+    encoder = model.get_submodule("encoder")
+    built = {
+        mode: MTL(bench.case_config(names, "none", "static", mode), shared=encoder)
+        for mode in ("unchecked", "auto")
+    }
+    steps = variants(built["unchecked"], built["auto"], args.tasks, sync=not args.accumulating)
+    if args.accumulating:
+        _, losses = bench._losses(model, x, targets)
+        sum(losses).backward()  # type: ignore[union-attr]
+    order = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    shuffle = random.Random(0)
+    for round_index in range(args.warmup + args.rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            for p in params:
+                if args.accumulating:
+                    assert p.grad is not None
+                    p.grad.mul_(0.5)  # keep the held values bounded
+                else:
+                    p.grad = None
+            start = time.thread_time()
+            _, losses = bench._losses(model, x, targets)
+            steps[name](dict(zip(names, losses)))
+            if round_index >= args.warmup:
+                times[name].append(time.thread_time() - start)
+
+    def low(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[int(len(ordered) * args.quantile)]
+
+    base = low(times["plain"])
+    previous = base
+    state = "accumulating (.grad held)" if args.accumulating else ".grad None at each step"
+    print(f"{args.model}, T = {args.tasks}, {state}, {args.rounds} rounds, q = {args.quantile}")
+    print(f"{'variant':<10} {'ms':>7} {'÷ plain':>8} {'+ over previous':>16}")
+    for name in steps:
+        value = low(times[name])
+        added = (value - previous) * 1e6
+        print(f"{name:<10} {value * 1e3:7.3f} {value / base:7.3f}× {added:+13.0f} µs")
+        previous = value
+
+
+if __name__ == "__main__":
+    main()
