@@ -10,10 +10,12 @@ interference disturbs least. The variants add one piece of what ``mtl.backward``
 
 - ``plain``: ``sum(losses).backward()``;
 - ``weighted``: ``(torch.stack(losses) * w).sum().backward()``;
-- ``walk``: the same, after the graph walk that records the written leaves for the rollback;
+- ``walk``: the same, after the graph walk that records the written leaves for the rollback
+  (gradients already there are held aside and added after, as on the unchecked path);
 - ``engine``: the engine's ``weighted_backward`` (the walk, the rollback record, the backward);
 - ``unchecked``: ``mtl.backward`` with ``check_gradients: false``;
-- ``checked``: ``mtl.backward`` with every written gradient checked for NaN/inf.
+- ``checked``: ``mtl.backward`` with every written gradient checked for NaN/inf (gradients
+  already there are copied first, so that the checked sum can be undone).
 
 The differences between neighbours are what each piece costs in place (after a forward pass,
 with cold caches), which is several times what it costs timed alone.
@@ -49,13 +51,13 @@ def variants(mtl_unchecked: MTL, mtl_checked: MTL, tasks: int, sync: bool) -> di
     def walk(losses: dict[str, Tensor]) -> None:
         total = (torch.stack(list(losses.values())) * weights).sum()
         writes = GradWrites()
-        writes.record(graph_leaves(total, set()))
+        writes.record(graph_leaves(total, set()), hold=True)
         total.backward()
         writes.commit()
 
     def through_engine(losses: dict[str, Tensor]) -> None:
         writes = GradWrites()
-        engine.weighted_backward(list(losses.values()), weights, None, writes=writes)
+        engine.weighted_backward(list(losses.values()), weights, None, writes=writes, hold=True)
         writes.commit()
 
     return {

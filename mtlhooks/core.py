@@ -918,6 +918,11 @@ class MTL:
             return leaves_signature([], foreign=bool(seen - known))
         return leaves_signature(shapes, foreign=False)
 
+    def _checks_gradients(self, step: Step) -> bool:
+        """Whether this call checks the gradients it writes (not under a loss scale, whose
+        GradScaler checks them itself, nor with ``check_gradients: false``)."""
+        return step.loss_scale is None and self.config.check_gradients
+
     def _written_finite(self, step: Step, extra: list[Tensor]) -> bool:
         """The one host sync after writing: ``extra`` and, without a loss scale (whose
         GradScaler checks the gradients itself), every gradient this call wrote. None when
@@ -925,7 +930,7 @@ class MTL:
         if self._steps_in_backward:
             return True
         tensors = list(extra)
-        if step.loss_scale is None and self.config.check_gradients:
+        if self._checks_gradients(step):
             tensors += self._writes.written()
         if not tensors:
             return True  # everything was checked on the host before writing
@@ -1058,6 +1063,17 @@ class MTL:
                     scale,
                     auxiliary=step.auxiliary_losses,
                     writes=writes,
+                    # Gradients that will not be checked, written by one backward into each
+                    # leaf that nothing else sees before the call returns: the existing ones
+                    # are held aside and added at commit instead of copied. (Checked ones are
+                    # copied: checking a held sum would read both parts, no cheaper.)
+                    hold=(
+                        not self._checks_gradients(step)
+                        and engine.comm is None
+                        and not engine.sharded
+                        and self._core_only
+                        and not step.auxiliary_losses
+                    ),
                 )
             extra = [] if checked_before else [step.losses, step.weights]
             if not self._written_finite(step, extra):

@@ -413,9 +413,12 @@ class GradientEngine:
         *,
         auxiliary: Sequence[Tensor] = (),
         writes: GradWrites,
+        hold: bool = False,
     ) -> None:
         """One backward of ``Σ wᵢLᵢ`` (``Σ Lᵢ`` when ``weights`` is None) plus the plugins'
-        auxiliary objectives, times ``scale``.
+        auxiliary objectives, times ``scale``. ``hold``: existing gradients are held aside
+        and added at commit instead of copied (:class:`GradWrites`); for a caller whose one
+        backward accumulates into each leaf once (no ``backward_fn``, no data parallelism).
 
         The auxiliary objectives (of plugin parameters only) ride along in the same backward, so
         under a loss scale their gradients are scaled like the model's and a GradScaler unscales
@@ -433,7 +436,7 @@ class GradientEngine:
                 writes.record([leaf])
                 accumulate(leaf, grad)
             return
-        self._backward(total, writes)
+        self._backward(total, writes, hold=hold)
 
     @staticmethod
     def _weighted_total(
@@ -456,9 +459,9 @@ class GradientEngine:
             total = total * scale.to(total.dtype)
         return total
 
-    def _backward(self, total: Tensor, writes: GradWrites) -> None:
+    def _backward(self, total: Tensor, writes: GradWrites, *, hold: bool = False) -> None:
         """``total.backward()``, or through the framework's ``backward_fn``."""
-        writes.record(graph_leaves(total, set()))
+        writes.record(graph_leaves(total, set()), hold=hold and self.backward_fn is None)
         if self.backward_fn is None:
             total.backward()
         else:

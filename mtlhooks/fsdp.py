@@ -440,8 +440,11 @@ class ShardedEngine(GradientEngine):
         *,
         auxiliary: Sequence[Tensor] = (),
         writes: GradWrites,
+        hold: bool = False,
     ) -> None:
-        # FSDP writes the gradients of this backward to the shards, not to the graph's leaves.
+        # FSDP writes the gradients of this backward to the shards, not to the graph's leaves
+        # (and reduce-scatters them into existing ones itself: nothing is held here).
+        del hold
         writes.record(self.sharded_parameters)
         self._backward(self._weighted_total(losses, weights, scale, auxiliary), writes)
 

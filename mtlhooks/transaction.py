@@ -6,7 +6,8 @@ Two kinds of change happen in a call, and both can be undone until the call retu
   the tensor's gradient is remembered (``None``, or a copy when it already holds gradients,
   e.g. of earlier accumulation micro-steps); :meth:`GradWrites.rollback` puts every one back
   bit for bit. Copies are made only of gradients that exist, so a call after
-  ``zero_grad(set_to_none=True)`` copies nothing.
+  ``zero_grad(set_to_none=True)`` copies nothing; gradients that will not be checked can be
+  held aside instead of copied (the unchecked fast path while accumulating).
 - **plugin state and the generator** (:func:`clone_tree`): the pipeline keeps a deep copy of
   every plugin's ``state_dict()`` and of the generator's state from before the call, and loads
   it back when the call raises or skips.
@@ -120,27 +121,41 @@ def _describe(value: Any) -> str:
 
 
 class GradWrites:
-    """The ``.grad`` writes of one call, undoable until the call returns."""
+    """The ``.grad`` writes of one call, undoable until the call returns.
+
+    A tensor's gradient is either copied before it is written (:meth:`record`), or, for one
+    weighted backward that accumulates into each leaf once (:meth:`record` with ``hold``),
+    *held*: the existing gradient is set aside untouched, the backward writes this call's
+    gradient alone into ``.grad``, and :meth:`commit` adds it into the held tensor in place
+    (``old += new``, the very operation autograd's accumulation performs, on the same tensor
+    object). Holding costs no copy; rolling back puts the held tensor back as it was."""
 
     def __init__(self) -> None:
         self._before: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+        self._held: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def record(self, tensors: Iterable[Tensor]) -> None:
-        """Remember the gradients of ``tensors`` before they are written (first time only)."""
+    def record(self, tensors: Iterable[Tensor], *, hold: bool = False) -> None:
+        """Remember the gradients of ``tensors`` before they are written (first time only);
+        with ``hold``, set the existing ones that can be held aside instead of copying them."""
         for tensor in tensors:
             key = id(tensor)
-            if key in self._before:
+            if key in self._before or key in self._held:
                 continue
             grad = tensor.grad
+            if hold and grad is not None and _holdable(tensor, grad):
+                self._held[key] = (tensor, grad)
+                tensor.grad = None
+                continue
             saved = None if grad is None else grad.detach().clone()
             self._before[key] = (tensor, grad, saved)
 
     def tensors(self) -> list[Tensor]:
         """Every recorded tensor (whose ``.grad`` this call wrote or may have written)."""
-        return [t for t, _, _ in self._before.values()]
+        return [t for t, _, _ in self._before.values()] + [t for t, _ in self._held.values()]
 
     def written(self) -> list[Tensor]:
-        """The current gradients of every recorded tensor (those that have one)."""
+        """The current gradients of every tensor recorded without holding (those that have
+        one): the values ``.grad`` will keep. (Holding is for gradients nobody checks.)"""
         return [t.grad for t, _, _ in self._before.values() if t.grad is not None]
 
     def rollback(self) -> None:
@@ -150,8 +165,30 @@ class GradWrites:
                 if grad is not None and saved is not None:
                     grad.copy_(saved)
                 tensor.grad = grad
+            for tensor, old in self._held.values():
+                tensor.grad = old
         self._before.clear()
+        self._held.clear()
 
     def commit(self) -> None:
-        """Keep the writes; forget the copies."""
+        """Keep the writes: add each held tensor's new gradient into it; forget the copies."""
+        with torch.no_grad():
+            for tensor, old in self._held.values():
+                new = tensor.grad
+                if new is not None:
+                    old.add_(new)
+                tensor.grad = old
         self._before.clear()
+        self._held.clear()
+
+
+def _holdable(tensor: Tensor, grad: Tensor) -> bool:
+    """Whether ``tensor``'s gradient can be held aside during a backward: a dense gradient
+    outside autograd, and no post-accumulate hook on the tensor (it would see the new gradient
+    alone instead of the sum)."""
+    return (
+        grad.layout == torch.strided
+        and grad.is_floating_point()
+        and not grad.requires_grad
+        and not getattr(tensor, "_post_accumulate_grad_hooks", None)
+    )

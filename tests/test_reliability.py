@@ -549,3 +549,97 @@ def test_check_gradients_false_trusts_the_gradients_of_finite_losses(problem):
     losses["b"] = losses["b"] * float("nan")
     assert mtl.backward(losses).skipped
     assert all(p.grad is None for p in problem.model.parameters())
+
+
+# -- held gradients (unchecked fast path while accumulating) -----------------------------------
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises once armed (after the heads above it already
+    received their gradients)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, z):  # type: ignore[no-untyped-def]
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        if _RaiseInBackward.armed:
+            raise _Boom("backward failed on purpose")
+        return grad
+
+
+@pytest.mark.parametrize("config", [{"check_gradients": False}, {"check_gradients": True}])
+def test_accumulating_fast_path_matches_plain_accumulation_bitwise(make_problem, config):
+    """Space none over three micro-steps and a sync step, on gradients held from before: the
+    same .grad bits and the same .grad objects as plain ``loss.backward()`` accumulation (held
+    gradients are added at commit with autograd's own ``old += new``)."""
+    ours, plain = make_problem(), make_problem()
+    mtl = MTL({"tasks": ours.tasks, "plugins": [{"name": "static", "default": 0.3}], **config})
+    objects = None
+    for micro in range(4):
+        _, losses = ours.losses()
+        mtl.backward(losses, sync=micro == 3)
+        _, reference = plain.losses()
+        sum(0.3 * loss for loss in reference.values()).backward()  # type: ignore[union-attr]
+        if objects is None:
+            objects = [id(p.grad) for p in ours.model.parameters()]
+        assert [id(p.grad) for p in ours.model.parameters()] == objects
+        for a, b in zip(ours.model.parameters(), plain.model.parameters()):
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_a_failing_backward_puts_held_gradients_back(problem):
+    """Unchecked, accumulating: a backward that raises after some leaves were written leaves
+    every .grad as it was, the same tensor objects with the same values."""
+    mtl = MTL({"tasks": problem.tasks, "check_gradients": False})
+    _backward(mtl, problem, sync=False)
+    before = _grads(problem.model)
+    objects = [id(p.grad) for p in problem.model.parameters()]
+    z, outputs = problem.model(problem.x)
+    gated = _RaiseInBackward.apply(z)
+    heads = {t: (problem.model.heads[t](gated) - 0.5).pow(2).mean() for t in problem.tasks}
+    # The heads' weights are reached without crossing the failing node: written first.
+    losses = {t: heads[t] + (outputs[t] * 0).sum() for t in problem.tasks}
+    _RaiseInBackward.armed = True
+    try:
+        with pytest.raises(MTLError, match="on purpose"):
+            mtl.backward(losses)
+    finally:
+        _RaiseInBackward.armed = False
+    _assert_same_grads(problem.model, before)
+    assert [id(p.grad) for p in problem.model.parameters()] == objects
+
+
+def test_a_failing_observer_puts_held_gradients_back(problem, failing_plugins):
+    mtl = MTL({"tasks": problem.tasks, "check_gradients": False, "plugins": ["test_fail_observe"]})
+    mtl.plugins["test_fail_observe"].armed = False
+    _backward(mtl, problem, sync=False)
+    before = _grads(problem.model)
+    mtl.plugins["test_fail_observe"].armed = True
+    with pytest.raises(MTLError, match="on purpose"):
+        _backward(mtl, problem, sync=False)
+    _assert_same_grads(problem.model, before)
+
+
+def test_a_post_accumulate_hook_sees_the_accumulated_gradient(make_problem):
+    """A tensor with a post-accumulate-grad hook is not held: its hook sees ``old + new`` in
+    .grad during the backward, as with plain autograd."""
+    seen: dict[str, list[torch.Tensor]] = {"ours": [], "plain": []}
+    problems = {"ours": make_problem(), "plain": make_problem()}
+    for key, prob in problems.items():
+        weight = prob.model.heads[prob.tasks[0]].weight
+        weight.register_post_accumulate_grad_hook(
+            lambda p, key=key: seen[key].append(p.grad.clone())
+        )
+    mtl = MTL({"tasks": problems["ours"].tasks, "check_gradients": False})
+    for _ in range(2):
+        _, losses = problems["ours"].losses()
+        mtl.backward(losses, sync=False)
+        _, reference = problems["plain"].losses()
+        sum(reference.values()).backward()  # type: ignore[union-attr]
+    assert len(seen["ours"]) == len(seen["plain"]) == 2
+    for a, b in zip(seen["ours"], seen["plain"]):
+        assert torch.equal(a, b)
