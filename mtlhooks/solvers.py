@@ -244,14 +244,23 @@ def _solve_on_free(
 ) -> np.ndarray:
     """Solve ``M_FF x_F = rhs_F`` for each batch member, with ``x = 0`` outside the free set F.
 
-    ``matrix`` is (T, T), ``free`` is (B, T) bool, ``rhs`` is (B, T, K). Small problems replace
-    the rows and columns outside F by the identity, so that all B systems are solved in one
-    batched call of size T; large batches gather each free set first (free indices first, then
-    padding by the identity), which shrinks the systems to the largest free set. ``definite``:
+    ``matrix`` is (T, T), ``free`` is (B, T) bool, ``rhs`` is (B, T, K). A single problem is
+    solved on its free indices; small batches replace the rows and columns outside F by the
+    identity, so that all B systems are solved in one batched call of size T; large batches
+    gather each free set first (free indices first, then padding by the identity), which
+    shrinks the systems to the largest free set. ``definite``:
     M is known to be positive definite (Cholesky; LU if that fails after rounding).
     """
     batch, num = free.shape
-    if batch > 1 and num >= _GATHER_MIN_TASKS:
+    if batch == 1:
+        # one problem: solve on its free indices only
+        index = np.flatnonzero(free[0])
+        result = np.zeros_like(rhs)
+        if index.size:
+            system = matrix[np.ix_(index, index)][None]
+            result[0, index] = _batched_solve(system, rhs[:, index], definite)[0]
+        return result
+    if num >= _GATHER_MIN_TASKS:
         count = free.sum(-1)
         size = int(count.max())
         if size == 0:
