@@ -81,6 +81,9 @@ _VERIFIED = 1e-4
 _ENUMERATION_LIMIT = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
 _GATHER_MIN_TASKS = 16
+# Ratio of the largest to the smallest gradient norm beyond which CAGrad's homotopy brackets its
+# root from below by MGDA's point first.
+_WIDE_SPREAD = 1e6
 
 
 def working_dtype(tensor: Tensor) -> torch.dtype:
@@ -930,9 +933,20 @@ def _penalized_by_homotopy(
     everything = np.ones((1, num), dtype=bool)
     _, _, root, valid, _ = _penalized_face_candidates(matrix, everything, unit, linear, radius)
     guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
-    t = guess if low < guess < high else high / 2
-    best: np.ndarray | None = None
     previous: np.ndarray | None = None
+    if not low < guess < high and problem.scales.max() > _WIDE_SPREAD * problem.scales.min():
+        # no guess from the full support, and gradient norms spread so widely that the search
+        # would walk down many orders of magnitude from `high`, a few per QP: w(0) is MGDA's
+        # min-norm point and ‖g_w‖ ≥ its norm for every w, so the root is at least
+        # ‖g_{w(0)}‖/r, a lower end of the bracket, and w(0)'s face gives a first guess
+        mgda = _solve_lcp(problem, None, None, unit, 1, "penalised simplex")
+        low = math.sqrt(max(float(((mgda @ matrix) * mgda).sum()), 0.0)) / radius
+        support = mgda > tol * np.abs(mgda).max(-1, keepdims=True)
+        _, _, root, valid, _ = _penalized_face_candidates(matrix, support, unit, linear, radius)
+        guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
+    midpoint = math.sqrt(low * high) if low > 0 else high / 2
+    t = guess if low < guess < high else midpoint
+    best: np.ndarray | None = None
     for _ in range(200):
         scaled = t * linear[None]
         qp = _solve_lcp(problem, None, scaled, unit, 1, "penalised simplex", start=previous)
