@@ -82,7 +82,7 @@ _ENUMERATION_LIMIT = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
 _GATHER_MIN_TASKS = 16
 # Ratio of the largest to the smallest gradient norm beyond which CAGrad's homotopy brackets its
-# root from below by MGDA's point first.
+# root from below by MGDA's point when two QPs have not done so.
 _WIDE_SPREAD = 1e6
 
 
@@ -933,21 +933,11 @@ def _penalized_by_homotopy(
     everything = np.ones((1, num), dtype=bool)
     _, _, root, valid, _ = _penalized_face_candidates(matrix, everything, unit, linear, radius)
     guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
-    previous: np.ndarray | None = None
-    if not low < guess < high and problem.scales.max() > _WIDE_SPREAD * problem.scales.min():
-        # no guess from the full support, and gradient norms spread so widely that the search
-        # would walk down many orders of magnitude from `high`, a few per QP: w(0) is MGDA's
-        # min-norm point and ‖g_w‖ ≥ its norm for every w, so the root is at least
-        # ‖g_{w(0)}‖/r, a lower end of the bracket, and w(0)'s face gives a first guess
-        mgda = _solve_lcp(problem, None, None, unit, 1, "penalised simplex")
-        low = math.sqrt(max(float(((mgda @ matrix) * mgda).sum()), 0.0)) / radius
-        support = mgda > tol * np.abs(mgda).max(-1, keepdims=True)
-        _, _, root, valid, _ = _penalized_face_candidates(matrix, support, unit, linear, radius)
-        guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
-    midpoint = math.sqrt(low * high) if low > 0 else high / 2
-    t = guess if low < guess < high else midpoint
+    t = guess if low < guess < high else high / 2
+    wide = problem.scales.max() > _WIDE_SPREAD * problem.scales.min()
     best: np.ndarray | None = None
-    for _ in range(200):
+    previous: np.ndarray | None = None
+    for step in range(200):
         scaled = t * linear[None]
         qp = _solve_lcp(problem, None, scaled, unit, 1, "penalised simplex", start=previous)
         previous = qp
@@ -966,6 +956,18 @@ def _penalized_by_homotopy(
             high = t
         best = qp[0]
         guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
+        if step == 1 and low == 0 and wide:
+            # still unbracketed from below after two QPs, with gradient norms so widely spread
+            # that the closed-form steps walk down a few orders of magnitude per QP: w(0) is
+            # MGDA's min-norm point and ‖g_w‖ ≥ its norm for every w, so the root is at least
+            # ‖g_{w(0)}‖/r, and w(0)'s face gives the next guess
+            mgda = _solve_lcp(problem, None, None, unit, 1, "penalised simplex")
+            low = min(math.sqrt(max(float(((mgda @ matrix) * mgda).sum()), 0.0)) / radius, high)
+            mgda_support = mgda > tol * np.abs(mgda).max(-1, keepdims=True)
+            _, _, root, valid, _ = _penalized_face_candidates(
+                matrix, mgda_support, unit, linear, radius
+            )
+            guess = 1.0 / float(root[0, 0]) if valid.all() else math.sqrt(low * high)
         t = guess if low < guess < high else 0.5 * (low + high)
         if high - low <= tol * high:
             break
