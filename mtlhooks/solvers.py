@@ -1145,27 +1145,29 @@ def fair_weights(
     eps = float(torch.finfo(dtype).eps)
     verified = max(_VERIFIED, eps**0.5)
     output_eps = input_eps(gramian)
-    cosine, _, shift_psd = psd_cosine(matrix)
-    abs_cosine = cosine.abs()
+    # the iteration runs on float64 host arrays, like the QPs' (a host sync per step anyway)
+    torch_cosine, _, shift_psd = psd_cosine(matrix)
+    cosine = _host(torch_cosine)
+    abs_cosine = np.abs(cosine)
     p = 1.0 / power
-    log_kappa = (p - 1.0) * scales.log()
+    log_kappa = (p - 1.0) * np.log(_host(scales))
     shift = float(log_kappa.max())
-    kappa = (log_kappa - shift).exp()  # κ / max κ: a common factor, undone below
+    kappa = np.exp(log_kappa - shift)  # κ / max κ: a common factor, undone below
 
-    def potential(beta: Tensor, log_beta: Tensor) -> float:
+    def potential(beta: np.ndarray, log_beta: np.ndarray) -> float:
         if p == 1.0:
-            barrier = (kappa * log_beta).sum()
+            barrier = float((kappa * log_beta).sum())
         else:
-            barrier = (kappa * beta ** (1 - p)).sum() / (1 - p)
-        return float(0.5 * beta @ cosine @ beta - barrier)
+            barrier = float((kappa * beta ** (1 - p)).sum()) / (1 - p)
+        return float(0.5 * beta @ cosine @ beta) - barrier
 
-    log_beta = (kappa.log() / (1 + p)).clone()
-    beta = log_beta.exp()
+    log_beta = np.log(kappa) / (1 + p)
+    beta = np.exp(log_beta)
     curvature = float(beta @ cosine @ beta)
     if curvature > 0:
         push = float((kappa * beta ** (1 - p)).sum())
         log_beta = log_beta + math.log(push / curvature) / (1 + p)
-        beta = log_beta.exp()
+        beta = np.exp(log_beta)
     value = potential(beta, log_beta)
     converged = False
     for _ in range(max_iter):
@@ -1173,43 +1175,46 @@ def fair_weights(
         target = kappa * beta ** (-p)
         gradient = product - target
         residual = gradient / target
-        worst = float(residual.abs().max())
+        worst = float(np.abs(residual).max())
         # (Ĝβ)ᵢ is only known to its rounding error (at most T·eps·(|Ĝ|β)ᵢ, relative ρᵢ): stop
         # at tol or at that floor, and accept when the residual plus ρ is within
         # max(tol, `verified`) (near Pareto-stationarity (Ĝβ)ᵢ is a cancellation: ρ is large
         # and a small computed residual proves nothing)
         rounding = num * eps * (abs_cosine @ beta)
-        floor = bool((gradient.abs() <= 8 * rounding).all())
+        floor = bool((np.abs(gradient) <= 8 * rounding).all())
         if worst <= tol or floor:
             # what (Gw)ᵢ can be trusted to: rounding here, the indefiniteness removed from Ĝ
             # and the rounding of the weights to the output's dtype
             doubt = rounding + shift_psd * beta + output_eps * (abs_cosine @ beta)
-            bound = worst + float((doubt / product.abs().clamp_min(1e-300)).max())
+            bound = worst + float((doubt / np.maximum(np.abs(product), 1e-300)).max())
             converged = bound <= max(tol, verified)
             break
         # Newton on the convex potential Φ, written in u: (DHD)Δu = D∇Φ
-        system = beta.unsqueeze(1) * cosine * beta + torch.diag(p * target * beta)
-        step, info = torch.linalg.solve_ex(system, beta * gradient)
-        if bool(info != 0) or not bool(torch.isfinite(step).all()):
+        system = beta[:, None] * cosine * beta + np.diag(p * target * beta)
+        solved, info = torch.linalg.solve_ex(
+            torch.from_numpy(system), torch.from_numpy(beta * gradient)
+        )
+        step = solved.numpy()
+        if bool(info != 0) or not bool(np.isfinite(step).all()):
             break
         slope = float((beta * gradient) @ step)  # −dΦ/dt at t = 0
-        size = min(1.0, 10.0 / max(float(step.abs().max()), 1e-300))
+        size = min(1.0, 10.0 / max(float(np.abs(step).max()), 1e-300))
         noise = 64 * eps * (abs(value) + float(beta @ abs_cosine @ beta))
         for _ in range(60):
             candidate_log = log_beta - size * step
-            candidate = candidate_log.exp()
+            candidate = np.exp(candidate_log)
             new_value = potential(candidate, candidate_log)
             if new_value <= value - 1e-4 * size * slope:
                 break
             if new_value <= value + noise:
                 # Φ's decrease is below its rounding: judge by the residual instead
                 new_target = kappa * candidate ** (-p)
-                new_worst = float(((cosine @ candidate - new_target) / new_target).abs().max())
+                new_worst = float(np.abs((cosine @ candidate - new_target) / new_target).max())
                 if new_worst < worst:
                     break
             size /= 2
         log_beta, beta, value = candidate_log, candidate, new_value
-        if not math.isfinite(value) or float(log_beta.abs().max()) > 200:
+        if not math.isfinite(value) or float(np.abs(log_beta).max()) > 200:
             break
     if not converged:
         raise SolverError(
@@ -1220,7 +1225,7 @@ def fair_weights(
         )
     # undo the normalisation of κ: β solves (Ĝβ) = (κ/m) β^{-p}, so m^{1/(1+p)}β solves the
     # original equations, with log m = shift
-    weights = ((log_beta + shift / (1 + p)).exp() / scales).to(gramian.dtype)
+    weights = _to_tensor(np.exp(log_beta + shift / (1 + p)) / _host(scales), gramian)
     if not bool(((weights > 0) & (weights < math.inf)).all()):
         raise SolverError(
             f"{name}: the weights leave the range of {gramian.dtype} (gradient norms spread "
