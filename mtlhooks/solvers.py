@@ -23,11 +23,14 @@ Conventions used throughout:
   does whenever that face is not singular). So the QP solutions are exact up to rounding; where
   the exact optimum is not unique, the ridge's choice (the limit of the ridge solutions) is kept.
 * Small problems (few tasks) are solved by enumerating every face of the feasible set in one
-  batched solve and keeping the best feasible candidate: no iteration and no host
-  synchronisation at all. Larger ones use block principal pivoting with one batched linear
-  solve per pivot and one host synchronisation (the convergence test) per pivot.
-* Every problem is solved in float64 (:func:`working_dtype`; float32 on MPS) and the result
-  cast back to the input's dtype.
+  batched solve and keeping the best feasible candidate, with no iteration. Larger ones use
+  block principal pivoting with one batched linear solve per pivot and one convergence test
+  per pivot.
+* The cosine matrix is formed in torch, in float64 (:func:`working_dtype`; float32 on MPS);
+  the QPs are then solved on float64 host copies: the active-set methods test convergence on
+  the host at every pivot anyway, and on T×T arrays numpy's cost per operation is a fraction
+  of torch's, which is what these solvers spend their time on (the batched factorisations
+  run in torch, on zero-copy views). Results are cast back to the input's dtype and device.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,6 +81,9 @@ _VERIFIED = 1e-4
 _ENUMERATION_LIMIT = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems).
 _GATHER_MIN_TASKS = 16
+# Ratio of the largest to the smallest gradient norm beyond which CAGrad's homotopy brackets its
+# root from below by MGDA's point when two QPs have not done so.
+_WIDE_SPREAD = 1e6
 
 
 def working_dtype(tensor: Tensor) -> torch.dtype:
@@ -151,7 +158,8 @@ def project_onto_simplex(points: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- shared machinery
 
 _EYES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-_FACES: dict[tuple[int, bool, torch.device], Tensor] = {}
+_HOST_EYES: dict[int, np.ndarray] = {}
+_FACES: dict[tuple[int, bool], np.ndarray] = {}
 
 
 def _eye(num: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -163,21 +171,33 @@ def _eye(num: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return eye
 
 
-def _faces(num: int, include_empty: bool, device: torch.device) -> Tensor:
+def _host_eye(num: int) -> np.ndarray:
+    """A cached float64 identity matrix on the host (never written to)."""
+    eye = _HOST_EYES.get(num)
+    if eye is None:
+        eye = _HOST_EYES[num] = np.eye(num)
+    return eye
+
+
+def _faces(num: int, include_empty: bool) -> np.ndarray:
     """Every subset of ``range(num)`` as a (2^num or 2^num − 1, num) bool matrix (cached)."""
-    key = (num, include_empty, device)
+    key = (num, include_empty)
     faces = _FACES.get(key)
     if faces is None:
-        codes = torch.arange(0 if include_empty else 1, 2**num, device=device)
-        bits = torch.arange(num, device=device)
-        faces = _FACES[key] = ((codes.unsqueeze(-1) >> bits) & 1) == 1
+        codes = np.arange(0 if include_empty else 1, 2**num)
+        faces = _FACES[key] = ((codes[:, None] >> np.arange(num)) & 1) == 1
     return faces
 
 
 class _Scaled(NamedTuple):
-    cosine: Tensor  # Ĝ, (T, T)
-    regularized: Tensor  # Ĝ + εI
-    scales: Tensor  # safe scales (zero → 1)
+    """A problem in scaled coordinates, as float64 arrays on the host: the active-set methods
+    below take a host synchronisation per step anyway, and on arrays this small numpy's
+    per-operation cost is a fraction of torch's (the batched factorisations still run in torch,
+    on zero-copy views)."""
+
+    cosine: np.ndarray  # Ĝ, (T, T)
+    regularized: np.ndarray  # Ĝ + εI
+    scales: np.ndarray  # safe scales (zero → 1)
     tol: float  # relative feasibility tolerance
     ridge: float  # ε
 
@@ -203,70 +223,94 @@ def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
     return cosine + shift * eye, safe, shift
 
 
+def _host(tensor: Tensor) -> np.ndarray:
+    """A float64 host copy (a view where it already is one) of a tensor."""
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _to_tensor(array: np.ndarray, like: Tensor) -> Tensor:
+    """``array`` as a tensor of ``like``'s dtype, on its device."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(like.device, like.dtype)
+
+
 def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
     cosine, safe, _ = psd_cosine(gramian)
     eps = default_ridge(gramian.dtype) if ridge is None else ridge
-    eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
     tol = 64 * gramian.shape[-1] * float(torch.finfo(gramian.dtype).eps)
-    return _Scaled(cosine, cosine + eps * eye, safe, tol, eps)
+    host_cosine = _host(cosine)
+    regularized = host_cosine + eps * _host_eye(gramian.shape[-1])
+    return _Scaled(host_cosine, regularized, _host(safe), tol, eps)
 
 
-def _solve_on_free(matrix: Tensor, free: Tensor, rhs: Tensor, definite: bool = False) -> Tensor:
+def _solve_on_free(
+    matrix: np.ndarray, free: np.ndarray, rhs: np.ndarray, definite: bool = False
+) -> np.ndarray:
     """Solve ``M_FF x_F = rhs_F`` for each batch member, with ``x = 0`` outside the free set F.
 
-    ``matrix`` is (T, T), ``free`` is (B, T) bool, ``rhs`` is (B, T, K). Small problems replace
-    the rows and columns outside F by the identity, so that all B systems are solved in one
-    batched call of size T; large batches gather each free set first (free indices first, then
-    padding by the identity), which shrinks the systems to the largest free set. ``definite``:
+    ``matrix`` is (T, T), ``free`` is (B, T) bool, ``rhs`` is (B, T, K). A single problem is
+    solved on its free indices; small batches replace the rows and columns outside F by the
+    identity, so that all B systems are solved in one batched call of size T; large batches
+    gather each free set first (free indices first, then padding by the identity), which
+    shrinks the systems to the largest free set. ``definite``:
     M is known to be positive definite (Cholesky; LU if that fails after rounding).
     """
     batch, num = free.shape
-    if batch > 1 and num >= _GATHER_MIN_TASKS:
+    if batch == 1:
+        # one problem: solve on its free indices only
+        index = np.flatnonzero(free[0])
+        result = np.zeros_like(rhs)
+        if index.size:
+            system = matrix[np.ix_(index, index)][None]
+            result[0, index] = _batched_solve(system, rhs[:, index], definite)[0]
+        return result
+    if num >= _GATHER_MIN_TASKS:
         count = free.sum(-1)
         size = int(count.max())
         if size == 0:
-            return torch.zeros_like(rhs)
+            return np.zeros_like(rhs)
         if size < num:
-            order = torch.argsort((~free).to(torch.int8), dim=-1, stable=True)[:, :size]
-            valid = torch.arange(size, device=free.device) < count.unsqueeze(-1)
-            both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
-            rows = matrix.index_select(0, order.reshape(-1)).view(batch, size, num)
-            block = rows.gather(2, order.unsqueeze(1).expand(batch, size, size))
-            system = torch.where(both, block, _eye(size, *_dd(matrix)))
-            index = order.unsqueeze(-1).expand(batch, size, rhs.shape[-1])
-            sub_rhs = rhs.gather(1, index) * valid.unsqueeze(-1)
-            solution = _batched_solve(system, sub_rhs, definite) * valid.unsqueeze(-1)
-            return torch.zeros_like(rhs).scatter(1, index, solution)
-    both = free.unsqueeze(-1) & free.unsqueeze(-2)
-    system = torch.where(both, matrix, _eye(num, *_dd(matrix)))
-    return _batched_solve(system, rhs * free.unsqueeze(-1), definite)
+            order = np.argsort(~free, axis=-1, kind="stable")[:, :size]
+            valid = np.arange(size) < count[:, None]
+            both = valid[:, :, None] & valid[:, None, :]
+            # one flat take: numpy's two-index fancy indexing costs several times more
+            block = np.take(matrix, order[:, :, None] * num + order[:, None, :])
+            system = np.where(both, block, _host_eye(size))
+            rows = np.arange(batch)[:, None]
+            sub_rhs = rhs[rows, order] * valid[:, :, None]
+            solution = _batched_solve(system, sub_rhs, definite) * valid[:, :, None]
+            result = np.zeros_like(rhs)
+            result[rows, order] = solution
+            return result
+    both = free[:, :, None] & free[:, None, :]
+    system = np.where(both, matrix, _host_eye(num))
+    return _batched_solve(system, rhs * free[:, :, None], definite)
 
 
-def _batched_solve(system: Tensor, rhs: Tensor, definite: bool) -> Tensor:
+def _batched_solve(system: np.ndarray, rhs: np.ndarray, definite: bool) -> np.ndarray:
+    """Batched solves in torch on zero-copy views (numpy has no batched Cholesky solve, and
+    its LU raises on singular systems where torch's returns non-finite values, which the
+    callers' checks reject)."""
+    matrices, right = torch.from_numpy(system), torch.from_numpy(np.ascontiguousarray(rhs))
     if definite:
-        factor, info = torch.linalg.cholesky_ex(system)
+        factor, info = torch.linalg.cholesky_ex(matrices)
         if not bool(info.any()):
-            return torch.cholesky_solve(rhs, factor)
-    return torch.linalg.solve_ex(system, rhs)[0]
-
-
-def _dd(tensor: Tensor) -> tuple[torch.dtype, torch.device]:
-    return tensor.dtype, tensor.device
+            return torch.cholesky_solve(right, factor).numpy()
+    return torch.linalg.solve_ex(matrices, right)[0].numpy()
 
 
 class _FacePoint(NamedTuple):
-    beta: Tensor  # (B, T)
-    mu: Tensor  # (B, 1) multiplier of aᵀβ = 1 (0 without the equality)
-    multipliers: Tensor  # (B, T) Mβ + c − μa
-    valid: Tensor  # (B, 1) the face's equality-constrained problem has a solution
+    beta: np.ndarray  # (B, T)
+    mu: np.ndarray  # (B, 1) multiplier of aᵀβ = 1 (0 without the equality)
+    multipliers: np.ndarray  # (B, T) Mβ + c − μa
+    valid: np.ndarray  # (B, 1) the face's equality-constrained problem has a solution
 
 
 def _face_points(
-    matrix: Tensor,
-    free: Tensor,
-    lower: Tensor | None,
-    linear: Tensor | None,
-    unit: Tensor | None,
+    matrix: np.ndarray,
+    free: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
     definite: bool = False,
 ) -> _FacePoint:
     """Minimiser of ``½βᵀMβ + cᵀβ`` on each face ``{β_C = l_C}`` (and ``aᵀβ = 1`` if ``unit``).
@@ -276,36 +320,36 @@ def _face_points(
     The stationarity conditions on F are ``M_FF β_F = −c_F − M_FC l_C + μ a_F``; one batched
     solve with two right-hand sides gives β for the μ that meets the equality.
     """
-    rhs = torch.zeros_like(free, dtype=matrix.dtype) if linear is None else -linear
+    rhs = np.zeros(free.shape) if linear is None else -linear
     fixed = None
     if lower is not None:
-        fixed = torch.where(free, 0.0, lower)
+        fixed = np.where(free, 0.0, lower)
         rhs = rhs - fixed @ matrix
     if unit is None:
-        solution = _solve_on_free(matrix, free, rhs.unsqueeze(-1), definite).squeeze(-1)
-        beta = solution if lower is None else torch.where(free, solution, lower)
-        mu = torch.zeros_like(beta[:, :1])
-        valid = torch.ones_like(free[:, :1])
+        solution = _solve_on_free(matrix, free, rhs[:, :, None], definite)[:, :, 0]
+        beta = solution if lower is None else np.where(free, solution, lower)
+        mu = np.zeros((free.shape[0], 1))
+        valid = np.ones((free.shape[0], 1), dtype=bool)
         multipliers = beta @ matrix
     else:
-        units = unit.expand_as(rhs)
+        units = np.broadcast_to(unit, rhs.shape)
         if linear is None and lower is None:
-            z_unit = _solve_on_free(matrix, free, units.unsqueeze(-1), definite).squeeze(-1)
+            z_unit = _solve_on_free(matrix, free, units[:, :, None], definite)[:, :, 0]
             z_lin = None
         else:
-            stacked = torch.stack([rhs, units], -1)
-            z_lin, z_unit = _solve_on_free(matrix, free, stacked, definite).unbind(-1)
-        denominator = (z_unit * unit).sum(-1, keepdim=True)
+            solved = _solve_on_free(matrix, free, np.stack([rhs, units], -1), definite)
+            z_lin, z_unit = solved[:, :, 0], solved[:, :, 1]
+        denominator = (z_unit * unit).sum(-1, keepdims=True)
         valid = denominator > 0
-        numerator = torch.ones_like(denominator)
+        numerator = np.ones_like(denominator)
         if fixed is not None:
-            numerator = numerator - (fixed * unit).sum(-1, keepdim=True)
+            numerator = numerator - (fixed * unit).sum(-1, keepdims=True)
         if z_lin is not None:
-            numerator = numerator - (z_lin * unit).sum(-1, keepdim=True)
-        mu = numerator / torch.where(valid, denominator, 1.0)
+            numerator = numerator - (z_lin * unit).sum(-1, keepdims=True)
+        mu = numerator / np.where(valid, denominator, 1.0)
         beta = mu * z_unit if z_lin is None else z_lin + mu * z_unit
         if lower is not None:
-            beta = torch.where(free, beta, lower)
+            beta = np.where(free, beta, lower)
         multipliers = beta @ matrix - mu * unit
     if linear is not None:
         multipliers = multipliers + linear
@@ -314,33 +358,33 @@ def _face_points(
 
 def _violations(
     point: _FacePoint,
-    free: Tensor,
-    abs_matrix: Tensor,
-    lower: Tensor | None,
-    linear: Tensor | None,
-    unit: Tensor | None,
+    free: np.ndarray,
+    abs_matrix: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
     tol: float,
     dual_tol: float | None = None,
-) -> Tensor:
+) -> np.ndarray:
     """Where ``point`` violates primal feasibility (on F) or dual feasibility (off F).
 
     Both are judged relative to their natural scale: a bound violated by 1e-14 on a weight of
     1e12 is rounding, the same violation on a weight of 1 is not.
     """
     beta = point.beta
-    size = beta.abs()
+    size = np.abs(beta)
     if lower is not None:
-        size = torch.maximum(size, lower.abs())
-    beta_tol = tol * size.amax(-1, keepdim=True)
+        size = np.maximum(size, np.abs(lower))
+    beta_tol = tol * size.max(-1, keepdims=True)
     if unit is not None:
         # on the simplex also judge the weights wᵢ = βᵢaᵢ themselves (they sum to 1): a scaled
         # weight tiny next to the others can still be a large weight on a tiny gradient
-        beta_tol = torch.minimum(beta_tol, tol * (size * unit).sum(-1, keepdim=True) / unit)
+        beta_tol = np.minimum(beta_tol, tol * (size * unit).sum(-1, keepdims=True) / unit)
     multiplier_scale = size @ abs_matrix
     if linear is not None:
-        multiplier_scale = multiplier_scale + linear.abs()
+        multiplier_scale = multiplier_scale + np.abs(linear)
     if unit is not None:
-        multiplier_scale = multiplier_scale + point.mu.abs() * unit
+        multiplier_scale = multiplier_scale + np.abs(point.mu) * unit
     bound = 0.0 if lower is None else lower
     primal = free & (beta < bound - beta_tol)
     dual_tol = tol if dual_tol is None else dual_tol
@@ -349,8 +393,8 @@ def _violations(
 
 
 def _pivot(
-    free: Tensor, infeasible: Tensor, best_count: Tensor, backup: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    free: np.ndarray, infeasible: np.ndarray, best_count: np.ndarray, backup: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One exchange of block principal pivoting (Júdice & Pires 1994; Kim & Park 2011).
 
     Exchange every infeasible index while the number of infeasibilities keeps decreasing (or
@@ -360,11 +404,11 @@ def _pivot(
     count = infeasible.sum(-1)
     improved = count < best_count
     use_block = improved | (backup > 0)
-    best_count = torch.where(improved, count, best_count)
-    backup = torch.where(improved, _BPP_BACKUP, backup - (~improved).long())
-    index = torch.arange(free.shape[-1], device=free.device)
-    last = torch.where(infeasible, index, -1).amax(-1, keepdim=True)
-    flip = torch.where(use_block.unsqueeze(-1), infeasible, index == last)
+    best_count = np.where(improved, count, best_count)
+    backup = np.where(improved, _BPP_BACKUP, backup - ~improved)
+    index = np.arange(free.shape[-1])
+    last = np.where(infeasible, index, -1).max(-1, keepdims=True)
+    flip = np.where(use_block[:, None], infeasible, index == last)
     return free ^ flip, best_count, backup
 
 
@@ -374,42 +418,60 @@ def _max_pivots(num_tasks: int) -> int:
 
 def _solve_lcp(
     problem: _Scaled,
-    lower: Tensor | None,
-    linear: Tensor | None,
-    unit: Tensor | None,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
     batch: int,
     name: str,
-    start: Tensor | None = None,
-) -> Tensor:
+    start: np.ndarray | None = None,
+) -> np.ndarray:
     """``min ½βᵀĜβ + cᵀβ`` s.t. ``β ≥ l`` (and ``aᵀβ = 1``), for B problems sharing Ĝ.
 
-    Returns β (B, T). Small problems without a linear term are solved by enumeration
+    Returns β (B, T); ``start`` (B, T): the solutions of nearby problems, a warm start. Small
+    problems without a linear term are solved by enumeration
     (:func:`_enumerate_faces`); the others by block principal pivoting (Júdice & Pires, "A
     block principal pivoting algorithm for large-scale strictly monotone linear complementarity
     problems", Comput. Oper. Res. 1994; Kim & Park, "Fast nonnegative matrix factorization",
     SIAM J. Sci. Comput. 2011) on the ridge-regularised matrix, then one polishing solve
     without the ridge on the final face.
     """
+    with np.errstate(all="ignore"):  # non-finite face points are rejected explicitly
+        return _solve_lcp_on_host(problem, lower, linear, unit, batch, name, start)
+
+
+def _solve_lcp_on_host(
+    problem: _Scaled,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+    batch: int,
+    name: str,
+    start: np.ndarray | None,
+) -> np.ndarray:
     matrix = problem.regularized
     num = matrix.shape[-1]
     num_faces = 2**num - (0 if unit is None else 1)
     if linear is None and batch * num_faces <= _ENUMERATION_LIMIT:
         return _enumerate_faces(problem, lower, unit)
     if start is not None:
-        free = start  # a warm start: the free set of a nearby problem
-    elif unit is None:
+        # a warm start from a nearby problem's solution: the monotone method from that point
+        # changes only the few indices that differ (block pivoting from its face cycles as
+        # often as it does from scratch)
+        free, beta = _descend_faces(problem, start, lower, linear, unit, name)
+        return _polish(problem, free, beta, lower, linear, unit)
+    if unit is None:
         # start from every bound active: β = l, multipliers Ĝl + c
-        bound = lower if lower is not None else torch.zeros(batch, num).to(matrix)
+        bound = lower if lower is not None else np.zeros((batch, num))
         multipliers = bound @ matrix
-        scale = bound.abs() @ matrix.abs()
+        scale = np.abs(bound) @ np.abs(matrix)
         if linear is not None:
-            multipliers, scale = multipliers + linear, scale + linear.abs()
+            multipliers, scale = multipliers + linear, scale + np.abs(linear)
         free = multipliers < -problem.tol * scale
     else:
-        free = torch.ones(batch, num, dtype=torch.bool, device=matrix.device)
+        free = np.ones((batch, num), dtype=bool)
     free, beta, solved = _pivot_until_optimal(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
-    if not bool(solved.all()):
-        rest = (~solved).nonzero().squeeze(-1)
+    if not solved.all():
+        rest = np.flatnonzero(~solved)
         rest_free, rest_beta = _descend_faces(
             problem,
             beta[rest],
@@ -418,14 +480,16 @@ def _solve_lcp(
             unit,
             name,
         )
-        free, beta = free.index_copy(0, rest, rest_free), beta.index_copy(0, rest, rest_beta)
+        free[rest], beta[rest] = rest_free, rest_beta
     return _polish(problem, free, beta, lower, linear, unit)
 
 
-_PAIRS: dict[tuple[int, bool, torch.device], Tensor] = {}
+_PAIRS: dict[tuple[int, bool], np.ndarray] = {}
 
 
-def _enumerate_faces(problem: _Scaled, lower: Tensor | None, unit: Tensor | None) -> Tensor:
+def _enumerate_faces(
+    problem: _Scaled, lower: np.ndarray | None, unit: np.ndarray | None
+) -> np.ndarray:
     """Solve ``min ½βᵀĜβ`` on the simplex (``unit``) or above ``lower`` by trying every face.
 
     Every face's equality-constrained minimiser is computed in one batched solve, with and
@@ -433,79 +497,79 @@ def _enumerate_faces(problem: _Scaled, lower: Tensor | None, unit: Tensor | None
     that face's minimiser; every other feasible face minimiser is a feasible point, so the
     feasible ridge candidate of least objective is the ridge optimum (unique by strict
     convexity). Its face's exact candidate replaces it when that is KKT-optimal (see
-    :func:`_polish`). No iteration and no host synchronisation.
+    :func:`_polish`). No iteration.
     """
     cosine, regularized = problem.cosine, problem.regularized
     num = cosine.shape[-1]
-    device = cosine.device
     include_empty = unit is None
-    faces = _faces(num, include_empty, device)  # (K, T)
-    key = (num, include_empty, device)
+    faces = _faces(num, include_empty)  # (K, T)
+    key = (num, include_empty)
     pairs = _PAIRS.get(key)
     if pairs is None:
-        pairs = _PAIRS[key] = faces.unsqueeze(-1) & faces.unsqueeze(-2)
-    matrices = torch.stack([regularized, cosine]).unsqueeze(1)  # (2, 1, T, T)
-    systems = torch.where(pairs, matrices, _eye(num, *_dd(cosine)))  # (2, K, T, T)
+        pairs = _PAIRS[key] = faces[:, :, None] & faces[:, None, :]
+    matrices = np.stack([regularized, cosine])[:, None]  # (2, 1, T, T)
+    systems = torch.from_numpy(np.where(pairs, matrices, _host_eye(num)))  # (2, K, T, T)
     tol = problem.tol
     if unit is not None:
         # simplex: β_F ∝ M_FF⁻¹ a_F, objective ½βᵀMβ = 1 / (2 aᵀM_FF⁻¹a_F)
-        rhs = (faces * unit).unsqueeze(-1).expand(2, -1, -1, 1)
-        z = torch.linalg.solve_ex(systems, rhs)[0].squeeze(-1)  # (2, K, T)
-        denominator = (z * unit).sum(-1, keepdim=True)  # (2, K, 1)
+        rhs = torch.from_numpy(np.ascontiguousarray((faces * unit)[None, :, :, None]))
+        z = torch.linalg.solve_ex(systems, rhs.expand(2, -1, -1, 1))[0].numpy()[..., 0]
+        denominator = (z * unit).sum(-1, keepdims=True)  # (2, K, 1)
         beta = z / denominator
         ridge_beta = beta[0]
         weights = ridge_beta * unit
         feasible = (
             (denominator[0] > 0)
-            & (weights >= -tol * weights.abs().sum(-1, keepdim=True)).all(-1, keepdim=True)
-            & (ridge_beta >= -tol * ridge_beta.abs().amax(-1, keepdim=True)).all(-1, keepdim=True)
+            & (weights >= -tol * np.abs(weights).sum(-1, keepdims=True)).all(-1, keepdims=True)
+            & (ridge_beta >= -tol * np.abs(ridge_beta).max(-1, keepdims=True)).all(
+                -1, keepdims=True
+            )
         )
-        best = denominator[0].masked_fill(~feasible, -math.inf).argmax()
+        best = int(np.where(feasible, denominator[0], -math.inf).argmax())
         exact, chosen, face = beta[1, best], ridge_beta[best], faces[best]
         mu = 1 / denominator[1, best]
         multipliers = exact @ cosine - mu * unit
-        scale = exact.abs() @ cosine.abs() + mu.abs() * unit
-        primal_ok = (exact * unit >= -tol * (exact.abs() * unit).sum()).all() & (
-            exact >= -tol * exact.abs().amax()
+        scale = np.abs(exact) @ np.abs(cosine) + np.abs(mu) * unit
+        primal_ok = (exact * unit >= -tol * (np.abs(exact) * unit).sum()).all() & (
+            exact >= -tol * np.abs(exact).max()
         ).all()
-        valid = denominator[1, best] > 0
-        exact, chosen, face = exact.unsqueeze(0), chosen.unsqueeze(0), face.unsqueeze(0)
-        multipliers, scale = multipliers.unsqueeze(0), scale.unsqueeze(0)
-        primal_ok = primal_ok & valid
+        valid = denominator[1, best, 0] > 0
+        exact, chosen, face = exact[None], chosen[None], face[None]
+        multipliers, scale = multipliers[None], scale[None]
+        primal_ok = np.asarray([primal_ok & valid])
     else:
         assert lower is not None
         # dual cone: β_C = l_C, β_F = −M_FF⁻¹ M_FC l_C
-        fixed = lower.unsqueeze(1) * ~faces  # (B, K, T)
-        rhs = -(fixed @ matrices)  # (2, B, K, T)
-        rhs = rhs * faces
-        z = torch.linalg.solve_ex(systems.unsqueeze(1), rhs.unsqueeze(-1))[0].squeeze(-1)
-        beta = torch.where(faces, z, lower.unsqueeze(1))  # (2, B, K, T)
+        fixed = lower[:, None] * ~faces  # (B, K, T)
+        rhs = -(fixed @ matrices) * faces  # (2, B, K, T)
+        z = torch.linalg.solve_ex(systems[:, None], torch.from_numpy(rhs[..., None]))[0]
+        beta = np.where(faces, z.numpy()[..., 0], lower[:, None])  # (2, B, K, T)
         ridge_beta = beta[0]
-        size = torch.maximum(ridge_beta.abs(), lower.abs().unsqueeze(1)).amax(-1, keepdim=True)
-        feasible = (~faces | (ridge_beta >= lower.unsqueeze(1) - tol * size)).all(-1)
+        size = np.maximum(np.abs(ridge_beta), np.abs(lower)[:, None]).max(-1, keepdims=True)
+        feasible = (~faces | (ridge_beta >= lower[:, None] - tol * size)).all(-1)
         objective = ((ridge_beta @ regularized) * ridge_beta).sum(-1)  # (B, K)
-        best = objective.masked_fill(~feasible, math.inf).argmin(-1)  # (B,)
-        rows = torch.arange(lower.shape[0], device=device)
+        best = np.where(feasible, objective, math.inf).argmin(-1)  # (B,)
+        rows = np.arange(lower.shape[0])
         exact, chosen, face = beta[1, rows, best], ridge_beta[rows, best], faces[best]
         multipliers = exact @ cosine
-        size = torch.maximum(exact.abs(), lower.abs())
-        scale = size @ cosine.abs()
-        primal_ok = (~face | (exact >= lower - tol * size.amax(-1, keepdim=True))).all(-1)
+        size = np.maximum(np.abs(exact), np.abs(lower))
+        scale = size @ np.abs(cosine)
+        primal_ok = (~face | (exact >= lower - tol * size.max(-1, keepdims=True))).all(-1)
     loose = max(tol, problem.ridge**0.5)
     dual_ok = (face | (multipliers >= -loose * scale)).all(-1)
-    finite = (exact * 0 == 0).all(-1)  # cheaper than isfinite
-    accept = (primal_ok & dual_ok & finite).unsqueeze(-1)
-    return torch.where(accept, exact, chosen)
+    finite = np.isfinite(exact).all(-1)
+    accept = (primal_ok & dual_ok & finite)[:, None]
+    return np.where(accept, exact, chosen)
 
 
 def _pivot_until_optimal(
     problem: _Scaled,
-    free: Tensor,
-    lower: Tensor | None,
-    linear: Tensor | None,
-    unit: Tensor | None,
+    free: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
     attempts: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block principal pivoting from ``free`` for at most ``attempts`` pivots.
 
     Returns the faces and points of every problem (B, T) and a (B,) mask of those solved;
@@ -513,14 +577,14 @@ def _pivot_until_optimal(
     pivots only solve the others.
     """
     matrix = problem.regularized
-    abs_matrix = matrix.abs()
+    abs_matrix = np.abs(matrix)
     batch, num = free.shape
-    final_free = free.clone()
-    final_beta = torch.empty_like(free, dtype=matrix.dtype)
-    solved = torch.zeros(batch, dtype=torch.bool, device=matrix.device)
-    pending = torch.arange(batch, device=matrix.device)
-    best_count = torch.full((batch,), num + 1, device=matrix.device)
-    backup = torch.full((batch,), _BPP_BACKUP, device=matrix.device)
+    final_free = free.copy()
+    final_beta = np.empty(free.shape)
+    solved = np.zeros(batch, dtype=bool)
+    pending = np.arange(batch)
+    best_count = np.full(batch, num + 1)
+    backup = np.full(batch, _BPP_BACKUP)
     for _ in range(attempts):
         point = _face_points(matrix, free, lower, linear, unit, definite=True)
         infeasible = _violations(point, free, abs_matrix, lower, linear, unit, problem.tol)
@@ -545,12 +609,12 @@ def _pivot_until_optimal(
 
 def _descend_faces(
     problem: _Scaled,
-    start: Tensor,
-    lower: Tensor | None,
-    linear: Tensor | None,
-    unit: Tensor | None,
+    start: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
     name: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Primal active-set method with block additions (Lawson & Hanson's NNLS method, "Solving
     Least Squares Problems", 1974, ch. 23, generalised to bounds, a linear term and the simplex
     equality), for B problems sharing the ridge-regularised Ĝ: the optimal faces and points.
@@ -567,62 +631,64 @@ def _descend_faces(
     rescaled onto it).
     """
     matrix = problem.regularized
-    abs_matrix = matrix.abs()
+    abs_matrix = np.abs(matrix)
     num = matrix.shape[-1]
     tol = problem.tol
-    device = matrix.device
     batch = start.shape[0]
-    bound = torch.zeros_like(start) if lower is None else lower
-    beta = torch.maximum(start, bound)
+    bound = np.zeros_like(start) if lower is None else lower
+    beta = np.maximum(start, bound)
     if unit is not None:
-        total = (beta * unit).sum(-1, keepdim=True)
-        uniform = (1.0 / (num * unit)).expand_as(beta)  # the weights wᵢ = 1/T
-        beta = torch.where(total > 0, beta / torch.where(total > 0, total, 1.0), uniform)
+        total = (beta * unit).sum(-1, keepdims=True)
+        uniform = np.broadcast_to(1.0 / (num * unit), beta.shape)  # the weights wᵢ = 1/T
+        beta = np.where(total > 0, beta / np.where(total > 0, total, 1.0), uniform)
     free = beta > bound
-    single = torch.zeros(batch, dtype=torch.bool, device=device)  # next addition: one index
-    before = free.clone()  # the free set before the last addition
-    final_free = free.clone()
-    final_beta = beta.clone()
-    pending = torch.arange(batch, device=device)
+    single = np.zeros(batch, dtype=bool)  # next addition: one index
+    before = free.copy()  # the free set before the last addition
+    final_free = free.copy()
+    final_beta = beta.copy()
+    pending = np.arange(batch)
     limit = _max_pivots(num)
     for _ in range(limit):
         point = _face_points(matrix, free, lower, linear, unit, definite=True)
         target = point.beta
-        size = torch.maximum(target.abs(), bound.abs()).amax(-1, keepdim=True)
+        size = np.maximum(np.abs(target), np.abs(bound)).max(-1, keepdims=True)
         below = free & (target < bound - tol * size)
         blocked = below.any(-1)
         # line search from the feasible iterate towards the face minimiser
-        gap = (beta - bound).clamp_min(0)
-        step_to = torch.where(below, gap / torch.where(below, gap + bound - target, 1.0), 2.0)
-        step = step_to.amin(-1, keepdim=True).clamp(0.0, 1.0)
+        gap = np.maximum(beta - bound, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = gap / np.where(below, gap + bound - target, 1.0)
+        step_to = np.where(below, ratio, 2.0)
+        step = np.clip(step_to.min(-1, keepdims=True), 0.0, 1.0)
         hits = below & (step_to <= step * (1 + 4 * tol) + tol)
         moved = beta + step * (target - beta)
-        moved = torch.where(hits | ~free, bound, torch.maximum(moved, bound))
+        moved = np.where(hits | ~free, bound, np.maximum(moved, bound))
         shrunk = free & ~hits
         # an addition that the line search undid entirely: next time add one index only
         undone = blocked & ~(shrunk & ~before).any(-1) & (before != free).any(-1)
         single = single | undone
         # at a feasible face minimiser: optimal, or free the descent coordinates
-        scale = torch.maximum(target.abs(), bound.abs()) @ abs_matrix
+        scale = np.maximum(np.abs(target), np.abs(bound)) @ abs_matrix
         if linear is not None:
-            scale = scale + linear.abs()
+            scale = scale + np.abs(linear)
         if unit is not None:
-            scale = scale + point.mu.abs() * unit
+            scale = scale + np.abs(point.mu) * unit
         descent = ~free & (point.multipliers < -tol * scale)
-        descent = descent & (point.valid | free.any(-1, keepdim=True))
-        most = torch.where(descent, point.multipliers / scale.clamp_min(1e-300), math.inf)
-        strongest = torch.zeros_like(descent).scatter(-1, most.argmin(-1, keepdim=True), True)
-        add = torch.where(single.unsqueeze(-1), descent & strongest, descent)
+        descent = descent & (point.valid | free.any(-1, keepdims=True))
+        most = np.where(descent, point.multipliers / np.maximum(scale, 1e-300), math.inf)
+        strongest = np.zeros_like(descent)
+        strongest[np.arange(strongest.shape[0]), most.argmin(-1)] = True
+        add = np.where(single[:, None], descent & strongest, descent)
         done = ~blocked & ~descent.any(-1)
-        beta = torch.where(blocked.unsqueeze(-1), moved, target)
-        before = torch.where(blocked.unsqueeze(-1), before, free)
-        free = torch.where(blocked.unsqueeze(-1), shrunk, free | add)
-        single = torch.where(blocked, single, torch.zeros_like(single))
-        if bool(done.any()):
+        beta = np.where(blocked[:, None], moved, target)
+        before = np.where(blocked[:, None], before, free)
+        free = np.where(blocked[:, None], shrunk, free | add)
+        single = np.where(blocked, single, False)
+        if done.any():
             final_free[pending[done]] = free[done]
             final_beta[pending[done]] = beta[done]
             keep = ~done
-            if not bool(keep.any()):
+            if not keep.any():
                 return final_free, final_beta
             pending, beta, free, bound = pending[keep], beta[keep], free[keep], bound[keep]
             before, single = before[keep], single[keep]
@@ -636,25 +702,30 @@ def _descend_faces(
 
 def _polish(
     problem: _Scaled,
-    free: Tensor,
-    beta: Tensor,
-    lower: Tensor | None,
-    linear: Tensor | None,
-    unit: Tensor | None,
-) -> Tensor:
+    free: np.ndarray,
+    beta: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+) -> np.ndarray:
     """Re-solve the final face without the ridge; keep the result where it is feasible.
 
     The exact face minimiser, when it is feasible, is never worse than the ridge point (which
     lies on the same face); its multipliers are checked loosely (``√ε`` relative) only to
     reject garbage from a numerically singular face, where the ridge point is kept.
     """
-    exact = _face_points(problem.cosine, free, lower, linear, unit)
-    loose = max(problem.tol, problem.ridge**0.5)
-    bad = _violations(exact, free, problem.cosine.abs(), lower, linear, unit, problem.tol, loose)
-    finite = (exact.beta * 0 == 0).all(-1, keepdim=True)  # cheaper than isfinite
-    finite = finite & (exact.multipliers * 0 == 0).all(-1, keepdim=True)
-    accept = exact.valid & finite & ~bad.any(-1, keepdim=True)
-    return torch.where(accept, exact.beta, beta)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        # LU, not Cholesky: on a nearly singular face Cholesky can succeed with a point far
+        # along the near-null direction that the loose test below does not reject
+        exact = _face_points(problem.cosine, free, lower, linear, unit)
+        loose = max(problem.tol, problem.ridge**0.5)
+        bad = _violations(
+            exact, free, np.abs(problem.cosine), lower, linear, unit, problem.tol, loose
+        )
+    finite = np.isfinite(exact.beta).all(-1, keepdims=True)
+    finite = finite & np.isfinite(exact.multipliers).all(-1, keepdims=True)
+    accept = exact.valid & finite & ~bad.any(-1, keepdims=True)
+    return np.where(accept, exact.beta, beta)
 
 
 # --------------------------------------------------------------------------- public solvers
@@ -682,20 +753,20 @@ def simplex_qp(
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
     problem = _scaled_problem(matrix, ridge)
-    inv_scales = problem.scales.reciprocal()
+    inv_scales = 1 / problem.scales
     scaled_linear = None
     batch = 1
     if linear is not None:
-        scaled_linear = linear.to(dtype).reshape(-1, num_tasks) * inv_scales
+        scaled_linear = _host(linear.to(dtype)).reshape(-1, num_tasks) * inv_scales
         batch = scaled_linear.shape[0]
     if num_tasks == 1:
-        weights = torch.ones(batch, 1, dtype=dtype, device=matrix.device)
+        weights = np.ones((batch, 1))
     else:
         beta = _solve_lcp(problem, None, scaled_linear, inv_scales, batch, "simplex QP")
-        weights = beta.clamp_min(0) * inv_scales
-        weights = weights / weights.sum(-1, keepdim=True)
-    weights = weights.to(gramian.dtype)
-    return weights[0] if squeeze else weights
+        weights = np.maximum(beta, 0.0) * inv_scales
+        weights = weights / weights.sum(-1, keepdims=True)
+    result = _to_tensor(weights, gramian)
+    return result[0] if squeeze else result
 
 
 def min_norm_weights(gramian: Tensor, *, ridge: float | None = None) -> Tensor:
@@ -734,9 +805,9 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     matrix = gramian.to(dtype)
     num_tasks = matrix.shape[-1]
     problem = _scaled_problem(matrix, ridge)
-    bound = lower.to(dtype).reshape(-1, num_tasks) * problem.scales
+    bound = _host(lower.to(dtype)).reshape(-1, num_tasks) * problem.scales
     beta = _solve_lcp(problem, bound, None, None, bound.shape[0], "dual-cone QP")
-    solution = (torch.maximum(beta, bound) / problem.scales).to(gramian.dtype)
+    solution = _to_tensor(np.maximum(beta, bound) / problem.scales, gramian)
     return solution[0] if squeeze else solution
 
 
@@ -758,9 +829,9 @@ def penalized_simplex_weights(
     T ≤ 8 every face is tried at once and the best feasible candidate kept. Above, the
     optimal face is found by following the QPs ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` (whose
     KKT conditions match the problem's for ``t = ‖g_w‖/r``; ``‖g_{w(t)}‖ − rt`` is strictly
-    decreasing, so the root is unique): each QP is solved by block principal pivoting warm
-    started from the previous face, and t moves to the root of the current face's closed form
-    (bisection when that leaves the bracket) until the closed form is KKT-optimal.
+    decreasing, so the root is unique): each QP is solved by the monotone active-set method
+    warm started from the previous solution, and t moves to the root of the current face's
+    closed form (bisection when that leaves the bracket) until the closed form is KKT-optimal.
 
     Accuracy: computed in scaled coordinates with the ridge ``ε`` of :func:`default_ridge` on
     the cosine matrix, i.e. exact for ``G + ε·diag(G)``: the KKT conditions of the original
@@ -788,61 +859,62 @@ def penalized_simplex_weights(
         full = torch.zeros(num, dtype=dtype, device=matrix.device).index_copy(0, keep, partial)
         return full.to(gramian.dtype)
     problem = _scaled_problem(matrix, ridge)
-    unit = problem.scales.reciprocal()
-    scaled_linear = linear.to(dtype) * unit
-    if 2**num - 1 <= 2 * _ENUMERATION_LIMIT:
-        beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
-    else:
-        beta = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
-    weights = beta.clamp_min(0) * unit
-    return (weights / weights.sum()).to(gramian.dtype)
+    unit = 1 / problem.scales
+    scaled_linear = _host(linear.to(dtype)) * unit
+    with np.errstate(all="ignore"):  # non-finite candidates are rejected explicitly
+        if 2**num - 1 <= 2 * _ENUMERATION_LIMIT:
+            beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
+        else:
+            beta = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
+    weights = np.maximum(beta, 0.0) * unit
+    return _to_tensor(weights / weights.sum(), gramian)
 
 
 def _penalized_face_candidates(
-    matrix: Tensor, free: Tensor, unit: Tensor, linear: Tensor, radius: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    matrix: np.ndarray, free: np.ndarray, unit: np.ndarray, linear: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Closed-form stationary points on faces: ``(β, ν, √D, valid, (p, q) stacked)``.
 
     Written without cancellation: with ``e = q − (B/A)p`` (the part of ``M⁻¹c`` that changes
     along the face), ``D = A(r² − eᵀMe)`` and ``β = p/A − e/√D``. The textbook
     ``B² − A(C − r²)`` loses everything when ``r`` is small and the face is a vertex.
     """
-    units = unit.expand(free.shape)
-    both = _solve_on_free(
-        matrix, free, torch.stack([units, linear.expand(free.shape)], -1), definite=True
-    )
-    p, q = both.unbind(-1)
-    a_p = (unit * p).sum(-1, keepdim=True)
+    columns = np.stack([np.broadcast_to(unit, free.shape), np.broadcast_to(linear, free.shape)], -1)
+    both = _solve_on_free(matrix, free, columns, definite=True)
+    p, q = both[..., 0], both[..., 1]
+    a_p = (unit * p).sum(-1, keepdims=True)
     positive = a_p > 0
-    safe_a_p = torch.where(positive, a_p, 1.0)
-    ratio = (unit * q).sum(-1, keepdim=True) / safe_a_p
+    safe_a_p = np.where(positive, a_p, 1.0)
+    ratio = (unit * q).sum(-1, keepdims=True) / safe_a_p
     moving = q - ratio * p
-    spread = ((moving @ matrix) * moving).sum(-1, keepdim=True)
+    spread = ((moving @ matrix) * moving).sum(-1, keepdims=True)
     reduced = radius * radius - spread  # D / A
     valid = (reduced > 0) & positive
-    root = (torch.where(valid, reduced, 1.0) * safe_a_p).sqrt()  # √D
+    root = np.sqrt(np.where(valid, reduced, 1.0) * safe_a_p)  # √D
     nu = ratio + root / safe_a_p
     beta = p / safe_a_p - moving / root
     return beta, nu, root, valid, both
 
 
 def _penalized_by_enumeration(
-    problem: _Scaled, unit: Tensor, linear: Tensor, radius: float
-) -> Tensor:
+    problem: _Scaled, unit: np.ndarray, linear: np.ndarray, radius: float
+) -> np.ndarray:
     matrix = problem.regularized
-    free = _faces(matrix.shape[-1], False, matrix.device)
+    free = _faces(matrix.shape[-1], False)
     beta, _, _, valid, _ = _penalized_face_candidates(matrix, free, unit, linear, radius)
     weights = beta * unit
-    slack = problem.tol * weights.abs().sum(-1, keepdim=True)
-    beta_slack = problem.tol * beta.abs().amax(-1, keepdim=True)
+    slack = problem.tol * np.abs(weights).sum(-1, keepdims=True)
+    beta_slack = problem.tol * np.abs(beta).max(-1, keepdims=True)
     infeasible = free & ((weights < -slack) | (beta < -beta_slack))
-    feasible = valid.squeeze(-1) & ~infeasible.any(-1)
-    norm = ((beta @ matrix) * beta).sum(-1).clamp_min(0).sqrt()
-    objective = torch.where(feasible, beta @ linear + radius * norm, math.inf)
+    feasible = valid[:, 0] & ~infeasible.any(-1)
+    norm = np.sqrt(np.maximum(((beta @ matrix) * beta).sum(-1), 0.0))
+    objective = np.where(feasible, beta @ linear + radius * norm, math.inf)
     return beta[objective.argmin()]
 
 
-def _penalized_by_homotopy(problem: _Scaled, unit: Tensor, linear: Tensor, radius: float) -> Tensor:
+def _penalized_by_homotopy(
+    problem: _Scaled, unit: np.ndarray, linear: np.ndarray, radius: float
+) -> np.ndarray:
     """Follow ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` to the root of ``‖g_{w(t)}‖ = r·t``.
 
     Each QP(t) is solved by :func:`_solve_lcp` (exact, and robust on rank-deficient Gramians);
@@ -853,35 +925,49 @@ def _penalized_by_homotopy(problem: _Scaled, unit: Tensor, linear: Tensor, radiu
     point has norm 0) returns the limit t → 0⁺, see :func:`penalized_simplex_weights`.
     """
     matrix = problem.regularized
-    abs_matrix = matrix.abs()
+    abs_matrix = np.abs(matrix)
     num = matrix.shape[-1]
     tol = problem.tol
     # ‖g_w‖ ≤ max ‖gᵢ‖, so ‖g_{w(t)}‖ − rt < 0 beyond `high`
     low, high = 0.0, 1.01 * float(problem.scales.max()) / radius
-    everything = torch.ones(1, num, dtype=torch.bool, device=matrix.device)
+    everything = np.ones((1, num), dtype=bool)
     _, _, root, valid, _ = _penalized_face_candidates(matrix, everything, unit, linear, radius)
-    guess = 1.0 / float(root) if bool(valid.all()) else math.nan
+    guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
     t = guess if low < guess < high else high / 2
-    best: Tensor | None = None
-    support: Tensor | None = None
-    for _ in range(200):
-        scaled = t * linear.unsqueeze(0)
-        qp = _solve_lcp(problem, None, scaled, unit, 1, "penalised simplex", start=support)
-        support = qp > tol * qp.abs().amax(-1, keepdim=True)
+    wide = problem.scales.max() > _WIDE_SPREAD * problem.scales.min()
+    best: np.ndarray | None = None
+    previous: np.ndarray | None = None
+    for step in range(200):
+        scaled = t * linear[None]
+        qp = _solve_lcp(problem, None, scaled, unit, 1, "penalised simplex", start=previous)
+        previous = qp
+        support = qp > tol * np.abs(qp).max(-1, keepdims=True)
         beta, nu, root, valid, _ = _penalized_face_candidates(matrix, support, unit, linear, radius)
-        if bool(valid.all()):
+        if valid.all():
             # CAGrad's KKT: c + √D·Ĝβ − νa ≥ 0 off F (√D = r/‖g_w‖)
             candidate = _FacePoint(beta, nu, linear + root * (beta @ matrix) - nu * unit, valid)
             bad = _violations(candidate, support, abs_matrix * root, None, linear, unit, tol)
-            if not bool(bad.any()):
+            if not bad.any():
                 return beta[0]
-        norm = float(((qp @ matrix) * qp).sum().clamp_min(0).sqrt())
+        norm = math.sqrt(max(float(((qp @ matrix) * qp).sum()), 0.0))
         if norm > radius * t:
             low = t
         else:
             high = t
         best = qp[0]
-        guess = 1.0 / float(root) if bool(valid.all()) else math.nan
+        guess = 1.0 / float(root[0, 0]) if valid.all() else math.nan
+        if step == 1 and low == 0 and wide:
+            # still unbracketed from below after two QPs, with gradient norms so widely spread
+            # that the closed-form steps walk down a few orders of magnitude per QP: w(0) is
+            # MGDA's min-norm point and ‖g_w‖ ≥ its norm for every w, so the root is at least
+            # ‖g_{w(0)}‖/r, and w(0)'s face gives the next guess
+            mgda = _solve_lcp(problem, None, None, unit, 1, "penalised simplex")
+            low = min(math.sqrt(max(float(((mgda @ matrix) * mgda).sum()), 0.0)) / radius, high)
+            mgda_support = mgda > tol * np.abs(mgda).max(-1, keepdims=True)
+            _, _, root, valid, _ = _penalized_face_candidates(
+                matrix, mgda_support, unit, linear, radius
+            )
+            guess = 1.0 / float(root[0, 0]) if valid.all() else math.sqrt(low * high)
         t = guess if low < guess < high else 0.5 * (low + high)
         if high - low <= tol * high:
             break
@@ -1059,27 +1145,29 @@ def fair_weights(
     eps = float(torch.finfo(dtype).eps)
     verified = max(_VERIFIED, eps**0.5)
     output_eps = input_eps(gramian)
-    cosine, _, shift_psd = psd_cosine(matrix)
-    abs_cosine = cosine.abs()
+    # the iteration runs on float64 host arrays, like the QPs' (a host sync per step anyway)
+    torch_cosine, _, shift_psd = psd_cosine(matrix)
+    cosine = _host(torch_cosine)
+    abs_cosine = np.abs(cosine)
     p = 1.0 / power
-    log_kappa = (p - 1.0) * scales.log()
+    log_kappa = (p - 1.0) * np.log(_host(scales))
     shift = float(log_kappa.max())
-    kappa = (log_kappa - shift).exp()  # κ / max κ: a common factor, undone below
+    kappa = np.exp(log_kappa - shift)  # κ / max κ: a common factor, undone below
 
-    def potential(beta: Tensor, log_beta: Tensor) -> float:
+    def potential(beta: np.ndarray, log_beta: np.ndarray) -> float:
         if p == 1.0:
-            barrier = (kappa * log_beta).sum()
+            barrier = float((kappa * log_beta).sum())
         else:
-            barrier = (kappa * beta ** (1 - p)).sum() / (1 - p)
-        return float(0.5 * beta @ cosine @ beta - barrier)
+            barrier = float((kappa * beta ** (1 - p)).sum()) / (1 - p)
+        return float(0.5 * beta @ cosine @ beta) - barrier
 
-    log_beta = (kappa.log() / (1 + p)).clone()
-    beta = log_beta.exp()
+    log_beta = np.log(kappa) / (1 + p)
+    beta = np.exp(log_beta)
     curvature = float(beta @ cosine @ beta)
     if curvature > 0:
         push = float((kappa * beta ** (1 - p)).sum())
         log_beta = log_beta + math.log(push / curvature) / (1 + p)
-        beta = log_beta.exp()
+        beta = np.exp(log_beta)
     value = potential(beta, log_beta)
     converged = False
     for _ in range(max_iter):
@@ -1087,43 +1175,46 @@ def fair_weights(
         target = kappa * beta ** (-p)
         gradient = product - target
         residual = gradient / target
-        worst = float(residual.abs().max())
+        worst = float(np.abs(residual).max())
         # (Ĝβ)ᵢ is only known to its rounding error (at most T·eps·(|Ĝ|β)ᵢ, relative ρᵢ): stop
         # at tol or at that floor, and accept when the residual plus ρ is within
         # max(tol, `verified`) (near Pareto-stationarity (Ĝβ)ᵢ is a cancellation: ρ is large
         # and a small computed residual proves nothing)
         rounding = num * eps * (abs_cosine @ beta)
-        floor = bool((gradient.abs() <= 8 * rounding).all())
+        floor = bool((np.abs(gradient) <= 8 * rounding).all())
         if worst <= tol or floor:
             # what (Gw)ᵢ can be trusted to: rounding here, the indefiniteness removed from Ĝ
             # and the rounding of the weights to the output's dtype
             doubt = rounding + shift_psd * beta + output_eps * (abs_cosine @ beta)
-            bound = worst + float((doubt / product.abs().clamp_min(1e-300)).max())
+            bound = worst + float((doubt / np.maximum(np.abs(product), 1e-300)).max())
             converged = bound <= max(tol, verified)
             break
         # Newton on the convex potential Φ, written in u: (DHD)Δu = D∇Φ
-        system = beta.unsqueeze(1) * cosine * beta + torch.diag(p * target * beta)
-        step, info = torch.linalg.solve_ex(system, beta * gradient)
-        if bool(info != 0) or not bool(torch.isfinite(step).all()):
+        system = beta[:, None] * cosine * beta + np.diag(p * target * beta)
+        solved, info = torch.linalg.solve_ex(
+            torch.from_numpy(system), torch.from_numpy(beta * gradient)
+        )
+        step = solved.numpy()
+        if bool(info != 0) or not bool(np.isfinite(step).all()):
             break
         slope = float((beta * gradient) @ step)  # −dΦ/dt at t = 0
-        size = min(1.0, 10.0 / max(float(step.abs().max()), 1e-300))
+        size = min(1.0, 10.0 / max(float(np.abs(step).max()), 1e-300))
         noise = 64 * eps * (abs(value) + float(beta @ abs_cosine @ beta))
         for _ in range(60):
             candidate_log = log_beta - size * step
-            candidate = candidate_log.exp()
+            candidate = np.exp(candidate_log)
             new_value = potential(candidate, candidate_log)
             if new_value <= value - 1e-4 * size * slope:
                 break
             if new_value <= value + noise:
                 # Φ's decrease is below its rounding: judge by the residual instead
                 new_target = kappa * candidate ** (-p)
-                new_worst = float(((cosine @ candidate - new_target) / new_target).abs().max())
+                new_worst = float(np.abs((cosine @ candidate - new_target) / new_target).max())
                 if new_worst < worst:
                     break
             size /= 2
         log_beta, beta, value = candidate_log, candidate, new_value
-        if not math.isfinite(value) or float(log_beta.abs().max()) > 200:
+        if not math.isfinite(value) or float(np.abs(log_beta).max()) > 200:
             break
     if not converged:
         raise SolverError(
@@ -1134,7 +1225,7 @@ def fair_weights(
         )
     # undo the normalisation of κ: β solves (Ĝβ) = (κ/m) β^{-p}, so m^{1/(1+p)}β solves the
     # original equations, with log m = shift
-    weights = ((log_beta + shift / (1 + p)).exp() / scales).to(gramian.dtype)
+    weights = _to_tensor(np.exp(log_beta + shift / (1 + p)) / _host(scales), gramian)
     if not bool(((weights > 0) & (weights < math.inf)).all()):
         raise SolverError(
             f"{name}: the weights leave the range of {gramian.dtype} (gradient norms spread "
@@ -1194,6 +1285,6 @@ def nonnegative_qp(matrix: Tensor, linear: Tensor, *, ridge: float | None = None
     dtype = working_dtype(matrix)
     square = matrix.to(dtype)
     problem = _scaled_problem(square, ridge)
-    scaled_linear = (linear.to(dtype) / problem.scales).unsqueeze(0)
+    scaled_linear = (_host(linear.to(dtype)) / problem.scales)[None]
     beta = _solve_lcp(problem, None, scaled_linear, None, 1, "nonnegative QP")
-    return (beta[0].clamp_min(0) / problem.scales).to(matrix.dtype)
+    return _to_tensor(np.maximum(beta[0], 0.0) / problem.scales, matrix)

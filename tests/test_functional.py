@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from families import FAMILIES, FLOAT32_FAMILIES, family_gramian
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from properties import (
@@ -717,6 +718,43 @@ def test_face_enumeration_and_pivoting_agree(gramian: Tensor) -> None:
         assert_updates_close(gramian, first, second, 1e-7)
     if norm_mean > 0:
         assert_updates_close(gramian, enumerated[2], pivoted[2], 1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_dual_cone_qp_alone_and_in_a_batch_agree(family: str) -> None:
+    # two code paths for the same QP: alone it is solved on its gathered free indices, in a
+    # batch on the batch's padded systems (T ≥ 16: gathered; T < 16: masked to size T)
+    from mtlhooks import solvers
+
+    for num_tasks in (8, 16):
+        gramian = family_gramian(family, num_tasks, 0)
+        dtype = gramian.dtype
+        mean_row = torch.full((num_tasks,), 1.0 / num_tasks, dtype=dtype)
+        rows = torch.cat([mean_row[None], torch.eye(num_tasks, dtype=dtype)[:3] / num_tasks])
+        batch = solvers.dual_cone_qp(gramian, rows)
+        alone = solvers.dual_cone_qp(gramian, mean_row)
+        rtol = 1e-5 if family in FLOAT32_FAMILIES else 1e-9
+        assert_updates_close(gramian.double(), alone.double(), batch[0].double(), rtol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_warm_started_simplex_qp_finds_the_cold_starts_solution(family: str) -> None:
+    # CAGrad's homotopy warm starts each QP from the previous one's solution: from there the
+    # monotone active-set method must reach the same optimum as block pivoting from scratch
+    from mtlhooks import solvers
+
+    num_tasks = 16 if family == "norm_spread_float32" else 24
+    gramian = family_gramian(family, num_tasks, 1).double()
+    problem = solvers._scaled_problem(gramian, None)
+    unit = 1 / problem.scales
+    # CAGrad's linear term t·Gg₀ in scaled coordinates, at two points of its path
+    linear = (gramian @ F.mean(gramian)).numpy()[None] * unit / problem.scales.max()
+    cold = solvers._solve_lcp(problem, None, linear, unit, 1, "test")
+    for nearby in (1.3 * linear, 0.2 * linear):
+        start = solvers._solve_lcp(problem, None, nearby, unit, 1, "test")
+        warm = solvers._solve_lcp(problem, None, linear, unit, 1, "test", start=start)
+        cosine = torch.from_numpy(problem.cosine)
+        assert_updates_close(cosine, torch.from_numpy(cold[0]), torch.from_numpy(warm[0]), 1e-9)
 
 
 @given(gramian=full_rank_gramians, c=st.sampled_from([0.1, 0.4, 2.0]))
