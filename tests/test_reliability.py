@@ -643,3 +643,38 @@ def test_a_post_accumulate_hook_sees_the_accumulated_gradient(make_problem):
     assert len(seen["ours"]) == len(seen["plain"]) == 2
     for a, b in zip(seen["ours"], seen["plain"]):
         assert torch.equal(a, b)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity; counts how often autograd runs its backward."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, z):  # type: ignore[no-untyped-def]
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        _CountBackward.calls += 1
+        return grad
+
+
+@pytest.mark.parametrize("check_gradients", [True, False])
+def test_nonfinite_host_losses_skip_the_backward(problem, check_gradients):
+    """One process, losses on the host: a non-finite loss is found before the backward, which
+    then never runs (nothing to write, nothing to undo); a finite call runs it once."""
+    mtl = MTL({"tasks": problem.tasks, "on_nonfinite": "skip", "check_gradients": check_gradients})
+    _CountBackward.calls = 0
+    z, _ = problem.model(problem.x)
+    counted = _CountBackward.apply(z)
+    losses = {t: problem.model.heads[t](counted).pow(2).mean() for t in problem.tasks}
+    losses[problem.tasks[1]] = losses[problem.tasks[1]] * float("inf")
+    assert mtl.backward(losses).skipped
+    assert _CountBackward.calls == 0
+    assert all(p.grad is None for p in problem.model.parameters())
+    z, _ = problem.model(problem.x)
+    counted = _CountBackward.apply(z)
+    losses = {t: problem.model.heads[t](counted).pow(2).mean() for t in problem.tasks}
+    assert not mtl.backward(losses).skipped
+    assert _CountBackward.calls == 1
