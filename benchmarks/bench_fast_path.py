@@ -9,16 +9,19 @@ quantile (``--quantile``, default 0.3) of its steps' thread CPU time, which a sh
 interference disturbs least. The variants add one piece of what ``mtl.backward`` does at a time:
 
 - ``plain``: ``sum(losses).backward()``;
-- ``weighted``: ``(torch.stack(losses) * w).sum().backward()``;
+- ``stacked``: ``torch.stack(losses).sum().backward()``, the total the direct path builds;
 - ``walk``: the same, after the graph walk that records the written leaves for the rollback
   (gradients already there are held aside and added after, as on the unchecked path);
-- ``engine``: the engine's ``weighted_backward`` (the walk, the rollback record, the backward);
-- ``unchecked``: ``mtl.backward`` with ``check_gradients: false``;
+- ``unchecked``: ``mtl.backward`` with ``check_gradients: false`` (the direct path: space
+  ``none``, no hook to dispatch);
+- ``hooks``: the same call forced through the general path (hooks, snapshot, ``Step``);
+- ``plain+check``: ``plain``, then every gradient checked for NaN/inf by hand (one sum per
+  tensor, one host read): the least a checked step can cost;
 - ``checked``: ``mtl.backward`` with every written gradient checked for NaN/inf (gradients
   already there are copied first, so that the checked sum can be undone).
 
-The differences between neighbours are what each piece costs in place (after a forward pass,
-with cold caches), which is several times what it costs timed alone.
+The differences are what each piece costs in place (after a forward pass, with cold caches),
+which is several times what it costs timed alone.
 """
 
 from __future__ import annotations
@@ -31,42 +34,42 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mtlhooks import MTL, bench
+from mtlhooks import MTL, bench, hostsync
 from mtlhooks.graph import graph_leaves
 from mtlhooks.transaction import GradWrites
 
 Variant = Callable[[dict[str, Tensor]], object]
 
 
-def variants(mtl_unchecked: MTL, mtl_checked: MTL, tasks: int, sync: bool) -> dict[str, Variant]:
-    weights = torch.ones(tasks)
-    engine = mtl_unchecked._engine
+def variants(mtls: dict[str, MTL], params: list[Tensor], sync: bool) -> dict[str, Variant]:
+    unchecked, general, checked = mtls["unchecked"], mtls["general"], mtls["auto"]
 
     def plain(losses: dict[str, Tensor]) -> None:
         sum(losses.values()).backward()  # type: ignore[union-attr]
 
-    def weighted(losses: dict[str, Tensor]) -> None:
-        (torch.stack(list(losses.values())) * weights).sum().backward()
+    def stacked(losses: dict[str, Tensor]) -> None:
+        torch.stack(list(losses.values())).sum().backward()
 
     def walk(losses: dict[str, Tensor]) -> None:
-        total = (torch.stack(list(losses.values())) * weights).sum()
+        total = torch.stack(list(losses.values())).sum()
         writes = GradWrites()
         writes.record(graph_leaves(total, set()), hold=True)
         total.backward()
         writes.commit()
 
-    def through_engine(losses: dict[str, Tensor]) -> None:
-        writes = GradWrites()
-        engine.weighted_backward(list(losses.values()), weights, None, writes=writes, hold=True)
-        writes.commit()
+    def plain_checked(losses: dict[str, Tensor]) -> None:
+        sum(losses.values()).backward()  # type: ignore[union-attr]
+        grads = [p.grad for p in params if p.grad is not None]
+        assert hostsync.host_flag(hostsync.all_finite(grads))
 
     return {
         "plain": plain,
-        "weighted": weighted,
+        "stacked": stacked,
         "walk": walk,
-        "engine": through_engine,
-        "unchecked": lambda losses: mtl_unchecked.backward(losses, sync=sync),
-        "checked": lambda losses: mtl_checked.backward(losses, sync=sync),
+        "unchecked": lambda losses: unchecked.backward(losses, sync=sync),
+        "hooks": lambda losses: general.backward(losses, sync=sync),
+        "plain+check": plain_checked,
+        "checked": lambda losses: checked.backward(losses, sync=sync),
     }
 
 
@@ -88,7 +91,9 @@ def main() -> None:
         mode: MTL(bench.case_config(names, "none", "static", mode), shared=encoder)
         for mode in ("unchecked", "auto")
     }
-    steps = variants(built["unchecked"], built["auto"], args.tasks, sync=not args.accumulating)
+    built["general"] = MTL(bench.case_config(names, "none", "static", "unchecked"), shared=encoder)
+    built["general"]._direct = None  # the general path: hooks, snapshot, Step
+    steps = variants(built, params, sync=not args.accumulating)
     if args.accumulating:
         _, losses = bench._losses(model, x, targets)
         sum(losses).backward()  # type: ignore[union-attr]
@@ -115,15 +120,14 @@ def main() -> None:
         return ordered[int(len(ordered) * args.quantile)]
 
     base = low(times["plain"])
-    previous = base
     state = "accumulating (.grad held)" if args.accumulating else ".grad None at each step"
     print(f"{args.model}, T = {args.tasks}, {state}, {args.rounds} rounds, q = {args.quantile}")
-    print(f"{'variant':<10} {'ms':>7} {'÷ plain':>8} {'+ over previous':>16}")
+    print(f"{'variant':<12} {'ms':>7} {'÷ plain':>8} {'+ over plain':>13}")
     for name in steps:
         value = low(times[name])
-        added = (value - previous) * 1e6
-        print(f"{name:<10} {value * 1e3:7.3f} {value / base:7.3f}× {added:+13.0f} µs")
-        previous = value
+        print(
+            f"{name:<12} {value * 1e3:7.3f} {value / base:7.3f}× {(value - base) * 1e6:+10.0f} µs"
+        )
 
 
 if __name__ == "__main__":

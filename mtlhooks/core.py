@@ -31,6 +31,7 @@ from mtlhooks.errors import (
     NonFiniteError,
     PluginError,
 )
+from mtlhooks.graph import graph_leaves
 from mtlhooks.plugin import Family, Need, Plugin, Setup, Space, hookimpl
 from mtlhooks.ranks import Ranks, leaves_signature
 from mtlhooks.report import StepReport
@@ -253,6 +254,40 @@ class MTL:
         ]
         self._observed = bool(hooks.mtl_observe.get_hookimpls())
         self._ones = _Ones()
+        self._direct = self._direct_path()
+
+    def _direct_path(self) -> _Direct | None:
+        """The direct path, when this pipeline can take it: space ``none``, nothing but the core
+        implements ``mtl_backward``, nothing observes, and at most one plugin, which declares
+        constant loss weights (``static``) and weights the heads too. A call then runs
+        :meth:`_direct_call`: no hook is dispatched and no plugin state or generator snapshot
+        is taken (there is none to change); whether the engine allows it is checked per call
+        (:meth:`_direct_ready`)."""
+        if self.space is not Space.NONE or not self._core_only or self._observed:
+            return None
+        plugins = list(self.plugins.values())
+        if len(plugins) > 1:
+            return None
+        if not plugins:
+            return _Direct(None)
+        if self.config.task_specific == "unweighted":
+            return None  # the heads get Σ ∇Lᵢ, the trunk Σ wᵢ∇Lᵢ: two backward passes at z
+        weights = plugins[0].constant_weights()
+        if weights is None or plugins[0].family is not Family.LOSS_SCALING:
+            return None
+        # Weights of one multiply nothing: the total is the plain sum (x·1 = x exactly).
+        return _Direct(None if bool((weights == 1).all()) else weights)
+
+    def _direct_ready(self) -> bool:
+        """Whether this call can take the direct path: one process, an unsharded engine that
+        runs the backward itself (no framework ``backward_fn``)."""
+        engine = self._engine
+        return (
+            self._ranks is None
+            and engine.comm is None
+            and not engine.sharded
+            and engine.backward_fn is None
+        )
 
     def _refuse_local_combination(self) -> None:
         """A plugin that builds the update from J itself (MoCo, TrimmedMean) needs the global
@@ -493,6 +528,11 @@ class MTL:
         :returns: the :class:`StepReport` of this call (also ``mtl.last_report``).
         """
         self._follow()
+        if self._direct is not None and loss_scale is None and self._direct_ready():
+            direct = self._direct_call(losses, features, sync, batch_size)
+            self._index += 1
+            self.last_report = direct
+            return direct
         kind = self._call_kind(sync)
         try:
             ordered = self._validate(losses, features)
@@ -538,19 +578,10 @@ class MTL:
             if self._observed:
                 self._manager.hook.mtl_observe(report=report)
         except BaseException as error:
-            self._writes.rollback()
             self._restore(before)
-            self._engine.discard()
-            if not isinstance(error, Exception) or isinstance(error, NonFiniteError):
-                raise
-            if not _all_finite_host(values):
-                # A plugin that choked on a NaN/inf loss: the loss is the cause, and the policy
-                # for it applies.
-                report = self._nonfinite(step, self._bad_losses(values), time.perf_counter())
-                if self._observed:
-                    self._manager.hook.mtl_observe(report=report)
-            else:
-                raise _translate(error) from error
+            report = self._failed(error, step, values)
+            if self._observed:
+                self._manager.hook.mtl_observe(report=report)
         self._writes.commit()
         if self._engine.writes_directly:
             self._window_on_fast_path = not sync and kind == "fast"
@@ -923,14 +954,15 @@ class MTL:
         GradScaler checks them itself, nor with ``check_gradients: false``)."""
         return step.loss_scale is None and self.config.check_gradients
 
-    def _written_finite(self, step: Step, extra: list[Tensor]) -> bool:
-        """The one host sync after writing: ``extra`` and, without a loss scale (whose
-        GradScaler checks the gradients itself), every gradient this call wrote. None when
-        the backward stepped (``steps_in_backward``): it was all checked before."""
+    def _written_finite(self, gradients: bool, extra: list[Tensor]) -> bool:
+        """The one host sync after writing: ``extra`` and, when ``gradients`` (not under a loss
+        scale, whose GradScaler checks them itself, nor ``check_gradients: false``), every
+        gradient this call wrote. None when the backward stepped (``steps_in_backward``): it
+        was all checked before."""
         if self._steps_in_backward:
             return True
         tensors = list(extra)
-        if self._checks_gradients(step):
+        if gradients:
             tensors += self._writes.written()
         if not tensors:
             return True  # everything was checked on the host before writing
@@ -1013,6 +1045,94 @@ class MTL:
             self._call.factor = reduced.factor
         return reduced.status
 
+    def _failed(self, error: BaseException, step: Step, values: Tensor) -> StepReport:
+        """After a call raised: nothing it wrote stays (plugin state is the caller's). The
+        error is raised again (ours, or wrapped in one of ours), unless the losses are not
+        finite: then they were the cause (a plugin choked on them), and ``on_nonfinite``
+        decides (the skipped step's report is returned)."""
+        self._writes.rollback()
+        self._engine.discard()
+        if not isinstance(error, Exception) or isinstance(error, NonFiniteError):
+            raise error
+        if _all_finite_host(values):
+            raise _translate(error) from error
+        return self._nonfinite(step, self._bad_losses(values), time.perf_counter())
+
+    def _direct_call(
+        self,
+        losses: Mapping[str, Tensor],
+        features: Tensor | None,
+        sync: bool,
+        batch_size: int | None,
+    ) -> StepReport:
+        """One call of the direct path (:meth:`_direct_path`): exactly what the fast path of
+        :meth:`_run` does for such a pipeline (the same checks, writes, rollback and report),
+        with as few distinct tensor operations as possible: after a forward pass every
+        distinct operation a call runs costs cache misses, several times its cost warm (see
+        ``benchmarks/bench_fast_path.py``)."""
+        start = time.perf_counter()
+        ordered = self._validate(losses, features)
+        _checked_batch_size(batch_size)
+        first = ordered[0]
+        stacked = torch.stack(ordered)  # stack promotes mixed dtypes
+        values = stacked.detach()
+        dtype = _working_dtype(values.dtype)
+        if values.dtype != dtype:
+            values = values.to(dtype)
+        constant = self._direct
+        assert constant is not None
+        if constant.weights is None:
+            factors = None
+            weights = self._ones.like(values)
+        else:
+            kept, factors = constant.converted(values, first.dtype)
+            weights = kept.clone()
+
+        def as_step() -> Step:  # for the failure paths, which share the general path's code
+            return Step(
+                index=self._index,
+                tasks=self.tasks,
+                losses=values,
+                weights=weights,
+                space=self.space,
+                generator=self.generator,
+                loss_tensors=ordered,
+                features=features,
+                sync=sync,
+                communicator=None,
+            )
+
+        self._writes = writes = GradWrites()
+        # One process: losses on the host are checked before the backward (bad ones leave
+        # nothing to undo); on a device, with the gradients, in the call's one sync.
+        on_host = values.device.type == "cpu"
+        if on_host and not _all_finite_host(values):
+            return self._nonfinite(as_step(), self._bad_losses(values), start)
+        checks = self.config.check_gradients
+        mark = time.perf_counter()
+        try:
+            with _no_autocast(first.device):
+                total = stacked.sum() if factors is None else (stacked * factors).sum()
+            # Unchecked gradients are held aside (added at commit), checked ones copied.
+            writes.record(graph_leaves(total, set()), hold=not checks)
+            total.backward()
+        except BaseException as error:
+            return self._failed(error, as_step(), values)
+        if not self._written_finite(checks, [] if on_host else [values]):
+            return self._after_nonfinite_write(as_step(), start)
+        writes.commit()
+        end = time.perf_counter()
+        return StepReport(
+            index=self._index,
+            tasks=self.tasks,
+            space=Space.NONE,
+            losses=values,
+            loss_weights=weights,
+            weights=weights,
+            gramian=None,
+            timings=MappingProxyType({"backward": end - mark, "total": end - start}),
+        )
+
     def _run(self, step: Step) -> StepReport:
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -1076,7 +1196,7 @@ class MTL:
                     ),
                 )
             extra = [] if checked_before else [step.losses, step.weights]
-            if not self._written_finite(step, extra):
+            if not self._written_finite(self._checks_gradients(step), extra):
                 return self._after_nonfinite_write(step, start)
             timings["backward"] = time.perf_counter() - mark
             return self._report(
@@ -1215,7 +1335,7 @@ class MTL:
                 writes=writes,
             )
             checked = []
-        if not self._written_finite(step, checked):
+        if not self._written_finite(self._checks_gradients(step), checked):
             return self._after_nonfinite_write(step, start)
         timings["write"] = time.perf_counter() - mark
         return self._report(
@@ -1305,6 +1425,34 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     if promoted is None:
         promoted = _WORKING_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
     return promoted
+
+
+class _Direct:
+    """The constant loss weights of a pipeline on the direct path (``None``: all one), kept
+    converted per dtype and device."""
+
+    def __init__(self, weights: Tensor | None) -> None:
+        self.weights = weights
+        self._kept: dict[tuple[torch.dtype, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def converted(self, values: Tensor, loss_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The weights in the dtype of ``values`` (the working dtype) on its device, and those
+        in the losses' dtype that multiply them: the same roundings as the hook path (float64
+        → working dtype → loss dtype). Non-finite ones (a weight the working dtype cannot
+        hold) raise :class:`PluginError` and are not kept."""
+        key = (values.dtype, loss_dtype, values.device)
+        kept = self._kept.get(key)
+        if kept is None:
+            assert self.weights is not None
+            working = self.weights.to(values.dtype)
+            if not _all_finite_host(working):
+                raise PluginError(
+                    f"loss scaling produced non-finite weights {working.tolist()}; nothing was "
+                    "written"
+                )
+            working = working.to(values.device)
+            kept = self._kept[key] = (working, working.to(loss_dtype))
+        return kept
 
 
 class _Ones:

@@ -163,6 +163,13 @@ class Plugin:
         """
         return self.needs is not Need.NOTHING
 
+    def constant_weights(self) -> torch.Tensor | None:
+        """For a loss-scaling plugin whose only effect is to multiply the loss weights by values
+        that never change: those values (float64, one per task, finite and >= 0); ``None``
+        otherwise (the default). A pipeline in space ``none`` whose plugins all declare them
+        runs its calls without dispatching any hook (``MTL``'s direct path)."""
+        return None
+
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Learnable parameters the user must hand to an optimizer (none by default)."""
         return iter(())

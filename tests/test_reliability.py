@@ -678,3 +678,73 @@ def test_nonfinite_host_losses_skip_the_backward(problem, check_gradients):
     losses = {t: problem.model.heads[t](counted).pow(2).mean() for t in problem.tasks}
     assert not mtl.backward(losses).skipped
     assert _CountBackward.calls == 1
+
+
+_DIRECT_PLUGINS = [
+    [],
+    ["static"],
+    [{"name": "static", "weights": {"a": 0.3, "b": 2.5}}],
+    [{"name": "static", "normalize": True, "default": 0.7}],
+]
+
+
+@pytest.mark.parametrize("check_gradients", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plugins", _DIRECT_PLUGINS, ids=["none", "static", "weights", "norm"])
+def test_the_direct_path_is_the_hook_path_bitwise(make_problem, plugins, dtype, check_gradients):
+    """Space none without hooks to dispatch takes the direct path: the same .grad bits and
+    objects, reports and skips as the general path (forced by dropping the direct path) over
+    accumulation micro-steps, a sync step and a skipped non-finite step."""
+    problems = [make_problem(), make_problem()]
+    mtls = []
+    for prob in problems:
+        prob.model.to(dtype)
+        prob.x = prob.x.to(dtype)
+        config = {
+            "tasks": prob.tasks,
+            "plugins": plugins,
+            "check_gradients": check_gradients,
+            "on_nonfinite": "skip",
+        }
+        mtls.append(MTL(config))
+    direct, general = mtls
+    general._direct = None
+
+    def no_hooks(step: Any) -> Any:
+        raise AssertionError("the direct path ran the general path")
+
+    direct._run = no_hooks  # type: ignore[method-assign]
+    for call, (sync, poisoned) in enumerate(
+        [(False, False), (False, True), (False, False), (True, False), (True, False)]
+    ):
+        reports = []
+        for prob, mtl in zip(problems, mtls):
+            _, losses = prob.losses()
+            if poisoned:
+                losses["b"] = losses["b"] * float("nan")
+            reports.append(mtl.backward(losses, sync=sync))
+        ours, reference = reports
+        assert ours.skipped == reference.skipped == poisoned
+        assert ours.index == reference.index == call
+        for field in ("losses", "loss_weights", "weights"):
+            a, b = getattr(ours, field), getattr(reference, field)
+            assert (a is None) == (b is None), field
+            if a is None:
+                continue
+            assert a.dtype == b.dtype, field
+            assert torch.equal(a, b) or (poisoned and field == "losses"), field
+        for a, b in zip(problems[0].model.parameters(), problems[1].model.parameters()):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                assert a.grad.dtype == b.grad.dtype and torch.equal(a.grad, b.grad)
+
+
+def test_the_direct_path_is_taken_only_without_hooks(problem, registered):
+    """An observer, a second plugin, a loss-scaling plugin whose weights change or another
+    space keep the general path (its hooks must run)."""
+    tasks = problem.tasks
+    assert MTL({"tasks": tasks})._direct is not None
+    assert MTL({"tasks": tasks, "plugins": ["static"]})._direct is not None
+    for plugins in (["static", "static"], ["dwa"], ["static", "gradstats"]):
+        assert MTL({"tasks": tasks, "plugins": plugins})._direct is None, plugins
+    assert MTL({"tasks": tasks, "space": "features"})._direct is None

@@ -55,6 +55,9 @@ class Static(Plugin):
         if unknown:
             raise ValueError(f"field 'weights': unknown task(s) {unknown}; tasks are {list(tasks)}")
 
+    def constant_weights(self) -> torch.Tensor:
+        return self._weights
+
     @hookimpl
     def mtl_scale_losses(self, step: Step) -> None:
         weights = self._converted
