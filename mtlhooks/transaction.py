@@ -137,17 +137,19 @@ class GradWrites:
     def record(self, tensors: Iterable[Tensor], *, hold: bool = False) -> None:
         """Remember the gradients of ``tensors`` before they are written (first time only);
         with ``hold``, set the existing ones that can be held aside instead of copying them."""
+        before, held = self._before, self._held  # it runs on every call: locals, one branch
         for tensor in tensors:
             key = id(tensor)
-            if key in self._before or key in self._held:
+            if key in before or key in held:
                 continue
             grad = tensor.grad
-            if hold and grad is not None and _holdable(tensor, grad):
-                self._held[key] = (tensor, grad)
+            if grad is None:
+                before[key] = (tensor, None, None)
+            elif hold and _holdable(tensor, grad):
+                held[key] = (tensor, grad)
                 tensor.grad = None
-                continue
-            saved = None if grad is None else grad.detach().clone()
-            self._before[key] = (tensor, grad, saved)
+            else:
+                before[key] = (tensor, grad, grad.detach().clone())
 
     def tensors(self) -> list[Tensor]:
         """Every recorded tensor (whose ``.grad`` this call wrote or may have written)."""
@@ -160,6 +162,8 @@ class GradWrites:
 
     def rollback(self) -> None:
         """Put every recorded gradient back as it was (the same tensor object, same values)."""
+        if not self._before and not self._held:
+            return
         with torch.no_grad():
             for tensor, grad, saved in self._before.values():
                 if grad is not None and saved is not None:
@@ -172,6 +176,9 @@ class GradWrites:
 
     def commit(self) -> None:
         """Keep the writes: add each held tensor's new gradient into it; forget the copies."""
+        if not self._held:
+            self._before.clear()
+            return
         with torch.no_grad():
             for tensor, old in self._held.values():
                 new = tensor.grad
