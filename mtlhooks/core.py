@@ -1111,8 +1111,9 @@ class MTL:
         checks = self.config.check_gradients
         mark = time.perf_counter()
         try:
-            with _no_autocast(first.device):
-                total = stacked.sum() if factors is None else (stacked * factors).sum()
+            # Under autocast the sum may run in float32 (CUDA's fp32 list): the gradient that
+            # reaches each loss is still exactly its weight, so no autocast context is needed.
+            total = stacked.sum() if factors is None else (stacked * factors).sum()
             # Unchecked gradients are held aside (added at commit), checked ones copied.
             writes.record(graph_leaves(total, set()), hold=not checks)
             total.backward()

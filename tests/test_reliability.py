@@ -748,3 +748,22 @@ def test_the_direct_path_is_taken_only_without_hooks(problem, registered):
     for plugins in (["static", "static"], ["dwa"], ["static", "gradstats"]):
         assert MTL({"tasks": tasks, "plugins": plugins})._direct is None, plugins
     assert MTL({"tasks": tasks, "space": "features"})._direct is None
+
+
+@pytest.mark.parametrize("plugins", _DIRECT_PLUGINS[:3], ids=["none", "static", "weights"])
+def test_the_direct_path_under_autocast_is_the_hook_path_bitwise(make_problem, plugins):
+    """A forward under CPU autocast (bfloat16): the direct path's total runs in the ambient
+    autocast, the hook path's outside it; the gradients that reach .grad are the same bits."""
+    problems = [make_problem(), make_problem()]
+    mtls = [MTL({"tasks": prob.tasks, "plugins": plugins}) for prob in problems]
+    mtls[1]._direct = None
+    for prob in problems:
+        prob.model.float()
+        prob.x = prob.x.float()
+    for _ in range(2):
+        for prob, mtl in zip(problems, mtls):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, losses = prob.losses()
+                mtl.backward(losses, sync=False)
+    for a, b in zip(problems[0].model.parameters(), problems[1].model.parameters()):
+        assert torch.equal(a.grad, b.grad)
