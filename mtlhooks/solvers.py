@@ -902,14 +902,25 @@ def _penalized_by_enumeration(
     matrix = problem.regularized
     free = _faces(matrix.shape[-1], False)
     beta, _, _, valid, _ = _penalized_face_candidates(matrix, free, unit, linear, radius)
+    # A vertex is a candidate as it is: its closed form (a stationary point on a one-task face)
+    # is the vertex itself, but it divides by √D = √(r² − rounding), which a small radius next to
+    # a large linear term makes invalid, and then no vertex would be left to compare with.
+    vertex = free.sum(-1) == 1
+    beta = np.where(vertex[:, None], free / unit, beta)
+    valid = valid | vertex[:, None]
     weights = beta * unit
     slack = problem.tol * np.abs(weights).sum(-1, keepdims=True)
     beta_slack = problem.tol * np.abs(beta).max(-1, keepdims=True)
     infeasible = free & ((weights < -slack) | (beta < -beta_slack))
-    feasible = valid[:, 0] & ~infeasible.any(-1)
-    norm = np.sqrt(np.maximum(((beta @ matrix) * beta).sum(-1), 0.0))
-    objective = np.where(feasible, beta @ linear + radius * norm, math.inf)
-    return beta[objective.argmin()]
+    # Each candidate is compared at the simplex point it stands for (clipped, normalised), so
+    # that a closed form whose entries cancel to 1 within rounding is judged at a real point.
+    clipped = np.maximum(weights, 0.0)
+    total = clipped.sum(-1, keepdims=True)
+    feasible = valid[:, 0] & ~infeasible.any(-1) & (total[:, 0] > 0)
+    point = clipped / np.where(total > 0, total, 1.0) / unit
+    norm = np.sqrt(np.maximum(((point @ matrix) * point).sum(-1), 0.0))
+    objective = np.where(feasible, point @ linear + radius * norm, math.inf)
+    return point[objective.argmin()]
 
 
 def _penalized_by_homotopy(
