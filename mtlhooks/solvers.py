@@ -811,6 +811,33 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     return solution[0] if squeeze else solution
 
 
+def _host_scaled_problem(matrix: Tensor, ridge: float | None) -> _Scaled:
+    """:func:`_scaled_problem` of one (T, T) working-dtype Gramian, computed on its host copy.
+
+    The same formulas (the cosine matrix divided twice, the same Cholesky test at
+    :func:`default_ridge`; equal to the last bit or two, torch's vectorised kernels round some
+    entries differently), in numpy: a dozen torch dispatches on a T×T matrix cost ~10× more
+    than the numbers. An indefinite Gramian (the Cholesky test fails) goes to
+    :func:`_scaled_problem`, which shifts it.
+    """
+    host = _host(matrix)
+    num = host.shape[-1]
+    scales = np.sqrt(np.maximum(host.diagonal(), 0.0))
+    safe = np.where(scales > 0, scales, 1.0)
+    cosine = host / safe[:, None] / safe[None, :]
+    test_ridge = default_ridge(matrix.dtype)
+    eps = test_ridge if ridge is None else ridge
+    regularized = cosine + eps * _host_eye(num)
+    try:
+        np.linalg.cholesky(
+            regularized if eps == test_ridge else cosine + test_ridge * _host_eye(num)
+        )
+    except np.linalg.LinAlgError:
+        return _scaled_problem(matrix, ridge)
+    tol = 64 * num * float(torch.finfo(matrix.dtype).eps)
+    return _Scaled(cosine, regularized, safe, tol, eps)
+
+
 def penalized_simplex_weights(
     gramian: Tensor, linear: Tensor, radius: float, *, ridge: float | None = None
 ) -> Tensor:
@@ -858,14 +885,17 @@ def penalized_simplex_weights(
             return uniform_zero
         full = torch.zeros(num, dtype=dtype, device=matrix.device).index_copy(0, keep, partial)
         return full.to(gramian.dtype)
-    problem = _scaled_problem(matrix, ridge)
+    problem = _host_scaled_problem(matrix, ridge)
     unit = 1 / problem.scales
     scaled_linear = _host(linear.to(dtype)) * unit
     with np.errstate(all="ignore"):  # non-finite candidates are rejected explicitly
         if 2**num - 1 <= 2 * _ENUMERATION_LIMIT:
             beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
         else:
-            beta = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
+            found = _penalized_by_active_set(problem, unit, scaled_linear, radius)
+            if found is None:
+                found = _penalized_by_homotopy(problem, unit, scaled_linear, radius)
+            beta = found
     weights = np.maximum(beta, 0.0) * unit
     return _to_tensor(weights / weights.sum(), gramian)
 
@@ -910,6 +940,102 @@ def _penalized_by_enumeration(
     norm = np.sqrt(np.maximum(((beta @ matrix) * beta).sum(-1), 0.0))
     objective = np.where(feasible, beta @ linear + radius * norm, math.inf)
     return beta[objective.argmin()]
+
+
+def _penalized_by_active_set(
+    problem: _Scaled, unit: np.ndarray, linear: np.ndarray, radius: float
+) -> np.ndarray | None:
+    """Primal active-set method on ``min_{aᵀβ=1, β≥0} cᵀβ + r‖β‖_M`` itself (M = Ĝ + εI).
+
+    Lawson & Hanson's scheme ("Solving Least Squares Problems", 1974, ch. 23) carried over to
+    this objective, which is smooth (M is definite, so ‖β‖_M > 0 on the simplex) and strictly
+    convex on the plane ``aᵀβ = 1`` (no two of its points lie on one ray). The iterate stays
+    feasible. Each step solves the current face's closed form once
+    (:func:`_penalized_face_candidates`, on the face's own rows and columns): where it is
+    feasible it becomes the iterate and the coordinates with significantly negative
+    multipliers join the face (all of them; only the most negative after an addition the line
+    search undid, which always makes progress: the minimiser over the larger face then has that
+    coordinate positive, by convexity). Otherwise the iterate moves towards it, or along the
+    face's direction of unbounded descent when the closed form has none (``D ≤ 0``), until a
+    weight reaches 0, and leaves those coordinates out. The objective never increases. Starts
+    from the best vertex, since CAGrad's optimum mixes few tasks; a handful of steps at T = 40
+    against one QP per step of :func:`_penalized_by_homotopy`.
+
+    Returns β (T,), which meets the same KKT test as the homotopy's answer, or None when the
+    method did not reach it within its step budget (the caller then runs the homotopy).
+    """
+    matrix = problem.regularized
+    num = matrix.shape[-1]
+    tol = problem.tol
+    abs_matrix = np.abs(matrix)
+    abs_linear = np.abs(linear)
+    columns = np.stack([unit, linear], -1)  # (T, 2): a and c
+    vertex = int(np.argmin((linear + radius * np.sqrt(matrix.diagonal())) / unit))
+    index = np.array([vertex])  # the face F, ascending
+    beta_f = np.array([1 / unit[vertex]])  # β on F (0 elsewhere)
+    added = np.zeros(num, dtype=bool)  # the coordinates of the last addition
+    single = False
+    for _ in range(4 * num + 20):
+        system = matrix[index][:, index]
+        a_f = unit[index]
+        try:
+            both = np.linalg.solve(system, columns[index])
+        except np.linalg.LinAlgError:
+            return None  # exactly singular after rounding: leave it to the homotopy
+        p, q = both[:, 0], both[:, 1]
+        a_p = float(a_f @ p)
+        ratio = float(a_f @ q) / a_p
+        moving = q - ratio * p
+        reduced = radius * radius - float(moving @ (system @ moving))  # D / A
+        if reduced > 0 and a_p > 0:
+            root = math.sqrt(reduced * a_p)  # √D = r / ‖β‖_M at the closed form
+            target = p / a_p - moving / root
+            size = np.abs(target)
+            # _violations' primal test: relative to the largest β and to the weights' sum
+            below = target < -np.minimum(tol * float(size.max()), tol * float(size @ a_f) / a_f)
+            if not below.any():
+                beta = np.zeros(num)
+                beta[index] = target
+                nu = ratio + root / a_p
+                multipliers = linear + root * (beta @ matrix) - nu * unit
+                # _violations' dual test, off F: c + √D·Mβ − νa ≥ −tol·(its scale)
+                scale = root * (np.abs(beta) @ abs_matrix) + abs_linear + abs(nu) * unit
+                descent = multipliers < -tol * scale
+                descent[index] = False
+                if not descent.any():
+                    return beta
+                if single:
+                    strongest = int(np.argmin(np.where(descent, multipliers / scale, math.inf)))
+                    descent = np.zeros(num, dtype=bool)
+                    descent[strongest] = True
+                single = False
+                added = descent.copy()
+                beta[index] = np.maximum(target, 0.0)
+                descent[index] = True
+                index = np.flatnonzero(descent)
+                beta_f = beta[index]
+                continue
+            direction = target - beta_f
+            cap = 1.0
+        else:
+            # no stationary point on the face: f decreases along −(M⁻¹c − (B/A)M⁻¹a) for ever
+            direction = -moving
+            cap = math.inf
+        falling = direction < 0
+        steps = np.where(falling, beta_f / -direction, math.inf)  # under the caller's errstate
+        step = min(float(steps.min()), cap)
+        if not math.isfinite(step):
+            return None  # cannot happen in exact arithmetic: the face is bounded
+        hits = steps <= step * (1 + 4 * tol)
+        kept = ~hits
+        if added.any() and not added[index[kept]].any():
+            single = True
+        added[:] = False
+        beta_f = np.maximum(beta_f[kept] + step * direction[kept], 0.0)
+        index = index[kept]
+        if index.size == 0:
+            return None
+    return None
 
 
 def _penalized_by_homotopy(
