@@ -817,8 +817,8 @@ def _host_scaled_problem(matrix: Tensor, ridge: float | None) -> _Scaled:
     The same formulas (the cosine matrix divided twice, the same Cholesky test at
     :func:`default_ridge`; equal to the last bit or two, torch's vectorised kernels round some
     entries differently), in numpy: a dozen torch dispatches on a T×T matrix cost ~10× more
-    than the numbers. An indefinite Gramian (the Cholesky test fails) goes to
-    :func:`_scaled_problem`, which shifts it.
+    than the numbers. An indefinite Gramian (the Cholesky test fails) is shifted by ``−λ_min``
+    as there.
     """
     host = _host(matrix)
     num = host.shape[-1]
@@ -827,13 +827,16 @@ def _host_scaled_problem(matrix: Tensor, ridge: float | None) -> _Scaled:
     cosine = host / safe[:, None] / safe[None, :]
     test_ridge = default_ridge(matrix.dtype)
     eps = test_ridge if ridge is None else ridge
-    regularized = cosine + eps * _host_eye(num)
+    eye = _host_eye(num)
+    regularized = cosine + eps * eye
     try:
-        np.linalg.cholesky(
-            regularized if eps == test_ridge else cosine + test_ridge * _host_eye(num)
-        )
+        np.linalg.cholesky(regularized if eps == test_ridge else cosine + test_ridge * eye)
     except np.linalg.LinAlgError:
-        return _scaled_problem(matrix, ridge)
+        # indefinite after rounding: shifted by −λ_min as in psd_cosine (torch's eigvalsh on a
+        # zero-copy view costs half of numpy's here)
+        lowest = float(torch.linalg.eigvalsh(torch.from_numpy(cosine))[0])
+        cosine = cosine + -min(lowest, 0.0) * eye
+        regularized = cosine + eps * eye
     tol = 64 * num * float(torch.finfo(matrix.dtype).eps)
     return _Scaled(cosine, regularized, safe, tol, eps)
 
@@ -1211,21 +1214,29 @@ def conflict_averse_weights(
     ball by duality), scaled by ``1/(1 + c²)`` like the regular update.
     """
     num_tasks = gramian.shape[0]
-    norm_w = float((weights @ gramian @ weights).clamp_min(0).sqrt())
-    scale = float((gramian_scales(gramian) * weights.abs()).sum())
-    base = torch.full_like(weights, 1.0 / num_tasks)
+    # on host copies: a handful of T-sized operations, cheaper in numpy than as torch dispatches
+    host, host_weights = _host(gramian), _host(weights)
+    norm_w = math.sqrt(max(float(host_weights @ host @ host_weights), 0.0))
+    norms = np.sqrt(np.maximum(host.diagonal(), 0.0))
+    scale = float(norms @ np.abs(host_weights))
     if norm_mean == 0:
-        return base / (1 + coefficient**2)
+        return torch.full_like(weights, 1.0 / num_tasks) / (1 + coefficient**2)
     if norm_w <= cancellation_level(gramian) * scale:
+        base = torch.full_like(weights, 1.0 / num_tasks)
         return dual_cone_qp(gramian, base) / (1 + coefficient**2)
-    return (base + coefficient * norm_mean / norm_w * weights) / (1 + coefficient**2)
+    update = (1.0 / num_tasks + coefficient * norm_mean / norm_w * host_weights) / (
+        1 + coefficient**2
+    )
+    return _to_tensor(update, weights)
 
 
 def mean_gradient(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
     """The Gramian in the working dtype, the mean's weights 1/T and the mean gradient's norm."""
     matrix = gramian.to(working_dtype(gramian))
     uniform = mean(matrix)
-    return matrix, uniform, float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
+    # ‖g₀‖² = uᵀGu with u = 1/T, on the host copy (one reduction instead of two torch matmuls)
+    host_uniform = np.full(matrix.shape[0], 1.0 / matrix.shape[0])
+    return matrix, uniform, math.sqrt(max(float(host_uniform @ _host(matrix) @ host_uniform), 0.0))
 
 
 # --------------------------------------------------------------------------- Nash-MTL, FairGrad
