@@ -976,10 +976,11 @@ def _penalized_by_active_set(
     vertex = int(np.argmin((linear + radius * np.sqrt(matrix.diagonal())) / unit))
     index = np.array([vertex])  # the face F, ascending
     beta_f = np.array([1 / unit[vertex]])  # β on F (0 elsewhere)
-    added = np.zeros(num, dtype=bool)  # the coordinates of the last addition
+    added: np.ndarray | None = None  # (T,) mask of the last addition, until the next step
     single = False
     for _ in range(4 * num + 20):
-        system = matrix[index][:, index]
+        rows = matrix[index]
+        system = rows[:, index]
         a_f = unit[index]
         try:
             both = np.linalg.solve(system, columns[index])
@@ -995,17 +996,22 @@ def _penalized_by_active_set(
             target = p / a_p - moving / root
             size = np.abs(target)
             # _violations' primal test: relative to the largest β and to the weights' sum
-            below = target < -np.minimum(tol * float(size.max()), tol * float(size @ a_f) / a_f)
-            if not below.any():
-                beta = np.zeros(num)
-                beta[index] = target
+            feasible = (
+                float(target.min()) >= 0
+                or not (
+                    target < -np.minimum(tol * float(size.max()), tol * float(size @ a_f) / a_f)
+                ).any()
+            )
+            if feasible:
                 nu = ratio + root / a_p
-                multipliers = linear + root * (beta @ matrix) - nu * unit
+                multipliers = linear + root * (target @ rows) - nu * unit
                 # _violations' dual test, off F: c + √D·Mβ − νa ≥ −tol·(its scale)
-                scale = root * (np.abs(beta) @ abs_matrix) + abs_linear + abs(nu) * unit
+                scale = root * (size @ abs_matrix[index]) + abs_linear + abs(nu) * unit
                 descent = multipliers < -tol * scale
                 descent[index] = False
                 if not descent.any():
+                    beta = np.zeros(num)
+                    beta[index] = target
                     return beta
                 if single:
                     strongest = int(np.argmin(np.where(descent, multipliers / scale, math.inf)))
@@ -1013,8 +1019,9 @@ def _penalized_by_active_set(
                     descent[strongest] = True
                 single = False
                 added = descent.copy()
-                beta[index] = np.maximum(target, 0.0)
                 descent[index] = True
+                beta = np.zeros(num)
+                beta[index] = np.maximum(target, 0.0)
                 index = np.flatnonzero(descent)
                 beta_f = beta[index]
                 continue
@@ -1029,11 +1036,10 @@ def _penalized_by_active_set(
         step = min(float(steps.min()), cap)
         if not math.isfinite(step):
             return None  # cannot happen in exact arithmetic: the face is bounded
-        hits = steps <= step * (1 + 4 * tol)
-        kept = ~hits
-        if added.any() and not added[index[kept]].any():
-            single = True
-        added[:] = False
+        kept = steps > step * (1 + 4 * tol)
+        if added is not None and not added[index[kept]].any():
+            single = True  # the line search undid the whole addition
+        added = None
         beta_f = np.maximum(beta_f[kept] + step * direction[kept], 0.0)
         index = index[kept]
         if index.size == 0:
