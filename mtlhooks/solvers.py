@@ -856,7 +856,10 @@ def penalized_simplex_weights(
     with ``p = G_FF⁻¹1``, ``q = G_FF⁻¹c``, ``A = 1ᵀp``, ``B = 1ᵀq``, ``C = cᵀq`` and
     ``D = B² − A(C − r²)``, the conditions ``c + (r/‖g_w‖)Gw = ν1``, ``1ᵀw = 1`` give
     ``ν = (B + √D)/A`` and ``w_F = (νp − q)/√D`` (no stationary point when ``D ≤ 0``). For
-    T ≤ 8 every face is tried at once and the best feasible candidate kept. Above, the
+    T ≤ 8 every face is tried at once and the best feasible candidate kept. Above, a primal
+    active-set method on the problem itself moves from face to face with one closed form per
+    step (:func:`_penalized_by_active_set`; a handful of steps at T = 40). Should it not meet
+    the KKT conditions within its budget (not seen on the test families), the
     optimal face is found by following the QPs ``w(t) = argmin_{w∈Δ} ½wᵀGw + t·cᵀw`` (whose
     KKT conditions match the problem's for ``t = ‖g_w‖/r``; ``‖g_{w(t)}‖ − rt`` is strictly
     decreasing, so the root is unique): each QP is solved by the monotone active-set method
