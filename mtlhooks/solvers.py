@@ -922,7 +922,9 @@ def _penalized_face_candidates(
     positive = a_p > 0
     safe_a_p = np.where(positive, a_p, 1.0)
     ratio = (unit * q).sum(-1, keepdims=True) / safe_a_p
-    moving = q - ratio * p
+    # on a vertex e = 0 exactly (aᵀe = 0 in one dimension); computed, it keeps the rounding of
+    # q, which the tiny √D of a small radius blows up into a wrong (even negative) weight
+    moving = np.where(free.sum(-1, keepdims=True) > 1, q - ratio * p, 0.0)
     spread = ((moving @ matrix) * moving).sum(-1, keepdims=True)
     reduced = radius * radius - spread  # D / A
     valid = (reduced > 0) & positive
@@ -992,7 +994,7 @@ def _penalized_by_active_set(
         p, q = both[:, 0], both[:, 1]
         a_p = float(a_f @ p)
         ratio = float(a_f @ q) / a_p
-        moving = q - ratio * p
+        moving = q - ratio * p if index.size > 1 else 0 * p  # exact on a vertex, see above
         reduced = radius * radius - float(moving @ (system @ moving))  # D / A
         if reduced > 0 and a_p > 0:
             root = math.sqrt(reduced * a_p)  # √D = r / ‖β‖_M at the closed form

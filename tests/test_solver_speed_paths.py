@@ -117,3 +117,34 @@ def test_a_single_pinv_solve_is_the_batched_one() -> None:
     torch.testing.assert_close(single, batched, rtol=1e-10, atol=1e-12)
     reference = (torch.linalg.pinv(gramians, hermitian=True) @ rhs[..., None])[..., 0]
     torch.testing.assert_close(batched, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_a_vertex_of_the_penalised_problem_keeps_its_exact_weight() -> None:
+    # hypothesis' case of test_scale_invariant_update[imgrad]: norms 4e-7 … 7e9, g₄ = −0.1·g₂, and
+    # IMGrad's radius is rounding (ρ ≈ 4e-16). On a vertex the face direction e is 0 exactly;
+    # computed, its rounding over the tiny √D made vertex 4's weight −0.19 (judged infeasible)
+    # and vertex 1's 2.19: the worse vertex won, and the update depended on the Gramian's scale
+    values = [
+        "0x1.b33626e5deb90p+4", "-0x1.92bdaf1240caep+34", "0x1.04e1dda1df7d7p-24",
+        "0x1.423158db6708cp+31", "-0x1.92bdaf1240caep+34", "0x1.2d4ed51da9bd6p+65",
+        "-0x1.5b116e2991343p+10", "-0x1.e217bb62a92f2p+61", "0x1.04e1dda1df7d7p-24",
+        "-0x1.5b116e2991343p+10", "0x1.450aaba199e86p-43", "0x1.15a78b547429cp+7",
+        "0x1.423158db6708cp+31", "-0x1.e217bb62a92f2p+61", "0x1.15a78b547429cp+7",
+        "0x1.81ac95e88758ep+58",
+    ]  # fmt: skip
+    gramian = torch.tensor([float.fromhex(v) for v in values], dtype=torch.float64).view(4, 4)
+    uniform = mean(gramian)
+    linear = gramian @ uniform
+    radius = 3.119538e-07
+    weights = solvers.penalized_simplex_weights(gramian, linear, radius)
+
+    def objective(w: torch.Tensor) -> float:
+        return float(w @ linear) + radius * float((w @ gramian @ w).clamp_min(0).sqrt())
+
+    vertices = torch.eye(4, dtype=torch.float64)
+    best = min(objective(v) for v in vertices)
+    assert objective(weights) <= best + 1e-12 * abs(best)
+    torch.testing.assert_close(weights, vertices[3])
+    from mtlhooks.functional import imgrad
+
+    torch.testing.assert_close(imgrad(gramian), imgrad(1e-8 * gramian))
