@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -45,19 +46,21 @@ def imtl_g(gramian: Tensor, *, if_undefined: IfUndefined = "raise") -> Tensor:
     check_gramian(gramian)
     if not is_finite(gramian):
         return nan_weights(gramian)
-    if not bool((gramian.diagonal() > 0).any()):
-        return mean(gramian)
     raw = equal_projection_weights(gramian)
-    total = raw.sum()
-    rounding = 4 * gramian.shape[0] * float(torch.finfo(raw.dtype).eps) * raw.abs().sum()
-    if not bool(total > rounding):
+    # the normalisation on the host copy: a few T-sized reductions, cheaper than torch dispatches
+    host = raw.detach().cpu().numpy()
+    if not host.any() and not bool((gramian.diagonal() > 0).any()):
+        return mean(gramian)  # every gradient is zero
+    total = float(host.sum())
+    rounding = 4 * gramian.shape[0] * float(np.finfo(host.dtype).eps) * float(np.abs(host).sum())
+    if not total > rounding:
         if if_undefined == "mgda":
             return min_norm_weights(gramian)
         raise SolverError(
             "imtl_g: the equal-projection direction has weights summing to ≤ 0, so Σα = 1 would "
             "make the update conflict with every task; use upgrad or config for such gradients"
         )
-    return (raw / total).to(gramian.dtype)
+    return torch.from_numpy(host / total).to(gramian.device, gramian.dtype)
 
 
 class IMTLGConfig(PluginConfig):
