@@ -543,19 +543,7 @@ class MTL:
             raise error from None
         dtype = _working_dtype(ordered[0].dtype)
         values = torch.stack(ordered).detach().to(dtype)  # stack promotes mixed dtypes
-        step = Step(
-            index=self._index,
-            tasks=self.tasks,
-            losses=values,
-            weights=self._ones.like(values),
-            space=self.space,
-            generator=self.generator,
-            loss_tensors=ordered,
-            features=features,
-            sync=sync,
-            loss_scale=scale,
-            communicator=self._engine.comm,
-        )
+        step = self._new_step(values, self._ones.like(values), ordered, features, sync, scale)
         self._call = _Call(kind, batch_size)
         # All or nothing (mtlhooks.transaction): until this call returns, every .grad it wrote,
         # every plugin's state and the generator can be put back as they were.
@@ -1045,6 +1033,29 @@ class MTL:
             self._call.factor = reduced.factor
         return reduced.status
 
+    def _new_step(
+        self,
+        values: Tensor,
+        weights: Tensor,
+        ordered: tuple[Tensor, ...],
+        features: Tensor | None,
+        sync: bool,
+        scale: Tensor | None,
+    ) -> Step:
+        return Step(
+            index=self._index,
+            tasks=self.tasks,
+            losses=values,
+            weights=weights,
+            space=self.space,
+            generator=self.generator,
+            loss_tensors=ordered,
+            features=features,
+            sync=sync,
+            loss_scale=scale,
+            communicator=self._engine.comm,
+        )
+
     def _failed(self, error: BaseException, step: Step, values: Tensor) -> StepReport:
         """After a call raised: nothing it wrote stays (plugin state is the caller's). The
         error is raised again (ours, or wrapped in one of ours), unless the losses are not
@@ -1089,18 +1100,7 @@ class MTL:
             weights = kept.clone()
 
         def as_step() -> Step:  # for the failure paths, which share the general path's code
-            return Step(
-                index=self._index,
-                tasks=self.tasks,
-                losses=values,
-                weights=weights,
-                space=self.space,
-                generator=self.generator,
-                loss_tensors=ordered,
-                features=features,
-                sync=sync,
-                communicator=None,
-            )
+            return self._new_step(values, weights, ordered, features, sync, None)
 
         self._writes = writes = GradWrites()
         # One process: losses on the host are checked before the backward (bad ones leave
