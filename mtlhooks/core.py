@@ -1096,7 +1096,17 @@ class MTL:
             factors = None
             weights = self._ones.like(values)
         else:
-            kept, factors = constant.converted(values, first.dtype)
+            try:
+                kept, factors = constant.converted(values, first.dtype)
+            except PluginError:
+                if _all_finite_host(values):
+                    raise
+                # Non-finite losses come first, as on the hook path: on_nonfinite decides.
+                self._writes = GradWrites()
+                step = self._new_step(
+                    values, self._ones.like(values), ordered, features, sync, None
+                )
+                return self._nonfinite(step, self._bad_losses(values), start)
             weights = kept.clone()
 
         def as_step() -> Step:  # for the failure paths, which share the general path's code

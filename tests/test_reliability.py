@@ -767,3 +767,28 @@ def test_the_direct_path_under_autocast_is_the_hook_path_bitwise(make_problem, p
                 mtl.backward(losses, sync=False)
     for a, b in zip(problems[0].model.parameters(), problems[1].model.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "nan_loss"])
+def test_a_weight_the_working_dtype_cannot_hold_on_the_direct_path(make_problem, poisoned):
+    """A static weight beyond float32's range with float32 losses: a PluginError and nothing
+    written on both paths; with a NaN loss as well, the loss comes first (skipped) on both."""
+    results = []
+    for direct in (True, False):
+        prob = make_problem()
+        prob.model.float()
+        prob.x = prob.x.float()
+        plugins = [{"name": "static", "weights": {"a": 1e39}}]
+        mtl = MTL({"tasks": prob.tasks, "plugins": plugins, "on_nonfinite": "skip"})
+        if not direct:
+            mtl._direct = None
+        _, losses = prob.losses()
+        if poisoned:
+            losses["b"] = losses["b"] * float("nan")
+        try:
+            results.append(mtl.backward(losses).skipped)
+        except PluginError as error:
+            results.append(str(error).split(";")[0])
+        assert all(p.grad is None for p in prob.model.parameters())
+    assert results[0] == results[1]
+    assert results[0] is True if poisoned else "non-finite weights" in results[0]
