@@ -56,3 +56,77 @@ def test_dualproj_projection_agrees_with_the_monotone_method_alone(family: str) 
     reference = _monotone_dual_cone(gramian, mean)[0]
     rtol = 1e-5 if family in FLOAT32_FAMILIES else 1e-9
     assert_updates_close(gramian.double(), batched, reference, rtol)
+
+
+def _count_face_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    face_points = solvers._face_points
+
+    def counted(*args: object, **kwargs: object) -> solvers._FacePoint:
+        calls[0] += 1
+        return face_points(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(solvers, "_face_points", counted)
+    return calls
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["upgrad", "dualproj"])
+def test_pareto_stationary_projections_hold_a_single_bound_and_take_two_solves(
+    kind: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Near Pareto stationarity each projection holds one bound and frees the rest: after
+    the first pivot those faces come in closed form from one inverse (``_single_bound_faces``),
+    so the call takes two face solves (that pivot and the polish), not the 6–9 of block pivoting,
+    and gives the monotone method's updates."""
+    gramian = family_gramian("pareto_stationary", 40, seed)
+    num_tasks = gramian.shape[0]
+    if kind == "upgrad":
+        lower = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
+    else:
+        lower = torch.full((1, num_tasks), 1.0 / num_tasks, dtype=torch.float64)
+    calls = _count_face_solves(monkeypatch)
+    batched = solvers.dual_cone_qp(gramian, lower)
+    assert calls[0] == 2
+    monkeypatch.undo()
+    reference = _monotone_dual_cone(gramian, lower)
+    for row in range(lower.shape[0]):
+        assert_updates_close(gramian, batched[row], reference[row], 1e-9)
+        assert int((batched[row] > lower[row] * (1 + 1e-9)).sum()) == num_tasks - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_bound_solutions_satisfy_the_kkt_conditions(family: str) -> None:
+    """Every solution ``_single_bound_faces`` accepts is the ridge problem's KKT point, on
+    every family and for random nonnegative and mixed-sign bounds (where it finds none, block
+    pivoting goes on as before)."""
+    gen = torch.Generator().manual_seed(7)
+    accepted = 0
+    for seed in range(3):
+        gramian = family_gramian(family, _size(family), seed).double()
+        num_tasks = gramian.shape[0]
+        problem = solvers._scaled_problem(gramian, None)
+        problem = problem._replace(pivot=0.0)  # bypass the gate: test every input
+        lowers = [
+            np.eye(num_tasks) / num_tasks,
+            torch.rand(4, num_tasks, generator=gen, dtype=torch.float64).numpy(),
+            torch.randn(4, num_tasks, generator=gen, dtype=torch.float64).numpy(),
+        ]
+        for lower in lowers:
+            bound = lower * problem.scales
+            with np.errstate(all="ignore"):
+                found, free, beta = solvers._single_bound_faces(problem, bound)
+            accepted += int(found.sum())
+            for row in np.flatnonzero(found):
+                held = np.flatnonzero(~free[row])
+                assert held.size == 1
+                assert beta[row, held[0]] == bound[row, held[0]]
+                multipliers = beta[row] @ problem.regularized
+                scale = np.abs(beta[row]) @ np.abs(problem.regularized)
+                tol = problem.tol
+                size = np.maximum(np.abs(beta[row]), np.abs(bound[row])).max()
+                assert (beta[row] >= bound[row] - tol * size).all()
+                assert (np.abs(multipliers[free[row]]) <= tol * scale[free[row]]).all()
+                assert multipliers[held[0]] > 0
+    if family == "pareto_stationary":
+        assert accepted >= 3 * num_tasks  # at least UPGrad's projections, on every seed
