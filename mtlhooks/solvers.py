@@ -26,11 +26,12 @@ Conventions used throughout:
   batched solve and keeping the best feasible candidate, with no iteration. Larger ones use
   block principal pivoting with one batched linear solve per pivot and one convergence test
   per pivot.
-* The cosine matrix is formed in torch, in float64 (:func:`working_dtype`; float32 on MPS);
-  the QPs are then solved on float64 host copies: the active-set methods test convergence on
-  the host at every pivot anyway, and on T×T arrays numpy's cost per operation is a fraction
-  of torch's, which is what these solvers spend their time on (the batched factorisations
-  run in torch, on zero-copy views). Results are cast back to the input's dtype and device.
+* The QPs are solved on float64 host copies of the Gramian (in :func:`working_dtype`), the
+  cosine matrix included: the active-set methods test convergence on the host at every pivot
+  anyway, and on T×T arrays numpy's cost per operation is a fraction of torch's, which is what
+  these solvers spend their time on (the batched factorisations run in torch, on zero-copy
+  views). :func:`psd_cosine` is the same matrix formed in torch, on the Gramian's device, for
+  the methods that stay there. Results are cast back to the input's dtype and device.
 """
 
 from __future__ import annotations
@@ -218,22 +219,15 @@ def psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor, float]:
     matrix it stands for, it is exact to its own precision. Costs one Cholesky factorisation
     (and one ``eigvalsh`` only when the matrix is indefinite).
     """
-    cosine, safe, shift, _ = _psd_cosine(gramian)
-    return cosine, safe, shift
-
-
-def _psd_cosine(gramian: Tensor) -> tuple[Tensor, Tensor, float, float]:
-    """:func:`psd_cosine` and the smallest squared pivot of the Cholesky factorisation of
-    ``Ĝ + εI`` that tested it (0 when it was indefinite and had to be shifted)."""
     scales = gramian_scales(gramian)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     cosine = gramian / safe.unsqueeze(-1) / safe.unsqueeze(-2)
     eye = _eye(gramian.shape[-1], gramian.dtype, gramian.device)
-    factor, info = torch.linalg.cholesky_ex(cosine + default_ridge(gramian.dtype) * eye)
+    _, info = torch.linalg.cholesky_ex(cosine + default_ridge(gramian.dtype) * eye)
     if bool(info == 0):
-        return cosine, safe, 0.0, float(factor.diagonal().min()) ** 2
+        return cosine, safe, 0.0
     shift = -min(float(torch.linalg.eigvalsh(cosine)[0]), 0.0)
-    return cosine + shift * eye, safe, shift, 0.0
+    return cosine + shift * eye, safe, shift
 
 
 def _host(tensor: Tensor) -> np.ndarray:
@@ -244,15 +238,6 @@ def _host(tensor: Tensor) -> np.ndarray:
 def _to_tensor(array: np.ndarray, like: Tensor) -> Tensor:
     """``array`` as a tensor of ``like``'s dtype, on its device."""
     return torch.from_numpy(np.ascontiguousarray(array)).to(like.device, like.dtype)
-
-
-def _scaled_problem(gramian: Tensor, ridge: float | None) -> _Scaled:
-    cosine, safe, _, pivot = _psd_cosine(gramian)
-    eps = default_ridge(gramian.dtype) if ridge is None else ridge
-    tol = 64 * gramian.shape[-1] * float(torch.finfo(gramian.dtype).eps)
-    host_cosine = _host(cosine)
-    regularized = host_cosine + eps * _host_eye(gramian.shape[-1])
-    return _Scaled(host_cosine, regularized, _host(safe), tol, eps, pivot)
 
 
 def _solve_on_free(
@@ -480,6 +465,10 @@ def _solve_lcp_on_host(
         if linear is not None:
             multipliers, scale = multipliers + linear, scale + np.abs(linear)
         free = multipliers < -problem.tol * scale
+        if not free.any():
+            # β = l satisfies the KKT conditions (the test above is block pivoting's first
+            # one, and the polish would keep l): e.g. DualProj's mean when nothing conflicts
+            return bound.copy()
     else:
         free = np.ones((batch, num), dtype=bool)
     free, beta, solved = _pivot_until_optimal(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
@@ -901,14 +890,15 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     return solution[0] if squeeze else solution
 
 
-def _host_scaled_problem(matrix: Tensor, ridge: float | None) -> _Scaled:
-    """:func:`_scaled_problem` of one (T, T) working-dtype Gramian, computed on its host copy.
+def _scaled_problem(matrix: Tensor, ridge: float | None) -> _Scaled:
+    """The QP data of one (T, T) working-dtype Gramian, computed on its float64 host copy.
 
-    The same formulas (the cosine matrix divided twice, the same Cholesky test at
-    :func:`default_ridge`; equal to the last bit or two, torch's vectorised kernels round some
-    entries differently), in numpy: a dozen torch dispatches on a T×T matrix cost ~10× more
-    than the numbers. An indefinite Gramian (the Cholesky test fails) is shifted by ``−λ_min``
-    as there.
+    The same formulas as :func:`psd_cosine` (the cosine matrix divided twice, the same
+    Cholesky test at :func:`default_ridge`, equal to it to the last bit or two: torch's
+    vectorised kernels round some entries differently), in numpy: a dozen torch dispatches on
+    a T×T matrix cost ~10× more than the numbers (0.05–0.25 ms of a dual-cone or simplex QP
+    at T = 40). An indefinite Gramian (the Cholesky test fails) is shifted by ``−λ_min`` as
+    there. The test's factor gives :attr:`_Scaled.pivot`.
     """
     host = _host(matrix)
     num = host.shape[-1]
@@ -920,15 +910,17 @@ def _host_scaled_problem(matrix: Tensor, ridge: float | None) -> _Scaled:
     eye = _host_eye(num)
     regularized = cosine + eps * eye
     try:
-        np.linalg.cholesky(regularized if eps == test_ridge else cosine + test_ridge * eye)
+        factor = np.linalg.cholesky(regularized if eps == test_ridge else cosine + test_ridge * eye)
+        pivot = float(factor.diagonal().min()) ** 2
     except np.linalg.LinAlgError:
         # indefinite after rounding: shifted by −λ_min as in psd_cosine (torch's eigvalsh on a
         # zero-copy view costs half of numpy's here)
         lowest = float(torch.linalg.eigvalsh(torch.from_numpy(cosine))[0])
         cosine = cosine + -min(lowest, 0.0) * eye
         regularized = cosine + eps * eye
+        pivot = 0.0
     tol = 64 * num * float(torch.finfo(matrix.dtype).eps)
-    return _Scaled(cosine, regularized, safe, tol, eps)
+    return _Scaled(cosine, regularized, safe, tol, eps, pivot)
 
 
 def penalized_simplex_weights(
@@ -981,7 +973,7 @@ def penalized_simplex_weights(
             return uniform_zero
         full = torch.zeros(num, dtype=dtype, device=matrix.device).index_copy(0, keep, partial)
         return full.to(gramian.dtype)
-    problem = _host_scaled_problem(matrix, ridge)
+    problem = _scaled_problem(matrix, ridge)
     unit = 1 / problem.scales
     scaled_linear = _host(linear.to(dtype)) * unit
     with np.errstate(all="ignore"):  # non-finite candidates are rejected explicitly

@@ -23,7 +23,7 @@ def _cagrad_problem(
 ) -> tuple[solvers._Scaled, np.ndarray, np.ndarray, float]:
     matrix = gramian.double()
     uniform = mean(matrix)
-    problem = solvers._host_scaled_problem(matrix, None)
+    problem = solvers._scaled_problem(matrix, None)
     unit = 1 / problem.scales
     linear = (matrix @ uniform).numpy() * unit
     radius = c * float((uniform @ matrix @ uniform).clamp_min(0).sqrt())
@@ -60,18 +60,27 @@ def test_an_active_set_failure_falls_back_to_the_homotopy(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_host_scaled_problem_is_the_torch_one(family: str) -> None:
+def test_the_host_scaled_problem_is_psd_cosine(family: str) -> None:
     for num_tasks in (5, 16):
         gramian = family_gramian(family, num_tasks, 0).double()
-        torch_side = solvers._scaled_problem(gramian, None)
-        host_side = solvers._host_scaled_problem(gramian, None)
+        cosine, scales, _ = solvers.psd_cosine(gramian)
+        host_side = solvers._scaled_problem(gramian, None)
+        ridge = solvers.default_ridge(torch.float64)
         # equal to a few ulps (torch's vectorised sqrt is not always correctly rounded)
-        np.testing.assert_allclose(host_side.cosine, torch_side.cosine, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(host_side.cosine, cosine.numpy(), rtol=1e-14, atol=1e-15)
         np.testing.assert_allclose(
-            host_side.regularized, torch_side.regularized, rtol=1e-14, atol=1e-15
+            host_side.regularized,
+            cosine.numpy() + ridge * np.eye(num_tasks),
+            rtol=1e-14,
+            atol=1e-15,
         )
-        np.testing.assert_allclose(host_side.scales, torch_side.scales, rtol=1e-15)
-        assert (host_side.tol, host_side.ridge) == (torch_side.tol, torch_side.ridge)
+        np.testing.assert_allclose(host_side.scales, scales.numpy(), rtol=1e-15)
+        assert host_side.tol == 64 * num_tasks * float(torch.finfo(torch.float64).eps)
+        assert host_side.ridge == ridge
+        if family in ("dense", "norm_spread"):
+            assert host_side.pivot > 1e-3  # well conditioned: no single-bound search
+        if family in ("pareto_stationary", "indefinite"):
+            assert host_side.pivot < 1e-3
 
 
 def _eigen_path(matrix: np.ndarray, rhs: np.ndarray, relative: float, eps: float) -> np.ndarray:
