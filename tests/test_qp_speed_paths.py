@@ -130,3 +130,22 @@ def test_single_bound_solutions_satisfy_the_kkt_conditions(family: str) -> None:
                 assert multipliers[held[0]] > 0
     if family == "pareto_stationary":
         assert accepted >= 3 * num_tasks  # at least UPGrad's projections, on every seed
+
+
+@pytest.mark.parametrize("kind", ["upgrad", "dualproj"])
+def test_bounds_that_satisfy_the_kkt_conditions_are_returned_without_a_solve(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nearly collinear gradients conflict with none of the others: every projection is its
+    bound (UPGrad and DualProj give the mean), found by the first KKT test, with no face
+    solve and no polish."""
+    gramian = family_gramian("near_collinear", 40, 0)
+    num_tasks = gramian.shape[0]
+    if kind == "upgrad":
+        lower = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
+    else:
+        lower = torch.full((1, num_tasks), 1.0 / num_tasks, dtype=torch.float64)
+    calls = _count_face_solves(monkeypatch)
+    solution = solvers.dual_cone_qp(gramian, lower)
+    assert calls[0] == 0
+    torch.testing.assert_close(solution, lower, rtol=1e-15, atol=0)  # (u·s)/s, to an ulp
