@@ -474,6 +474,12 @@ def _solve_lcp_on_host(
             return bound.copy()
     else:
         free = np.ones((batch, num), dtype=bool)
+    if batch == 1:
+        free, beta, done = _pivot_single(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
+        if done:
+            return _polish_single(problem, free, beta, lower, linear, unit)
+        free, beta = _descend_faces(problem, beta, lower, linear, unit, name)
+        return _polish(problem, free, beta, lower, linear, unit)
     free, beta, solved = _pivot_until_optimal(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
     if not solved.all():
         rest = np.flatnonzero(~solved)
@@ -487,6 +493,159 @@ def _solve_lcp_on_host(
         )
         free[rest], beta[rest] = rest_free, rest_beta
     return _polish(problem, free, beta, lower, linear, unit)
+
+
+def _single_face_point(
+    matrix: np.ndarray,
+    free: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+    definite: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """:func:`_face_points` of one problem, (1, T) arrays: the same operations in the same
+    order (bit for bit the same point, μ and multipliers), without the batch bookkeeping that
+    dominates a single problem's pivot. Returns ``(β, μ, multipliers, valid)``."""
+    rhs = np.zeros(free.shape) if linear is None else -linear
+    fixed = None
+    if lower is not None:
+        fixed = np.where(free, 0.0, lower)
+        rhs = rhs - fixed @ matrix
+    index = np.flatnonzero(free[0])
+    system = matrix[index[:, None], index[None, :]][None]
+    if unit is None:
+        beta = np.zeros(free.shape) if lower is None else lower.copy()
+        if index.size:
+            beta[0, index] = _batched_solve(system, rhs[:, index, None], definite)[0, :, 0]
+        multipliers = beta @ matrix
+        if linear is not None:
+            multipliers = multipliers + linear
+        return beta, np.zeros((1, 1)), multipliers, True
+    columns = 1 if linear is None and lower is None else 2
+    solved = np.zeros((*free.shape, columns))
+    if index.size:
+        right = (
+            unit[None, index, None]
+            if columns == 1
+            else np.stack([rhs, np.broadcast_to(unit, rhs.shape)], -1)[:, index]
+        )
+        solved[0, index] = _batched_solve(system, right, definite)[0]
+    z_unit = solved[:, :, -1]
+    denominator = (z_unit * unit).sum(-1, keepdims=True)
+    valid = denominator > 0
+    numerator = np.ones_like(denominator)
+    if fixed is not None:
+        numerator = numerator - (fixed * unit).sum(-1, keepdims=True)
+    if columns == 2:
+        z_lin = solved[:, :, 0]
+        numerator = numerator - (z_lin * unit).sum(-1, keepdims=True)
+    mu = numerator / np.where(valid, denominator, 1.0)
+    beta = mu * z_unit if columns == 1 else z_lin + mu * z_unit
+    if lower is not None:
+        beta = np.where(free, beta, lower)
+    multipliers = beta @ matrix - mu * unit
+    if linear is not None:
+        multipliers = multipliers + linear
+    return beta, mu, multipliers, bool(valid[0, 0])
+
+
+def _single_violations(
+    beta: np.ndarray,
+    mu: np.ndarray,
+    multipliers: np.ndarray,
+    free: np.ndarray,
+    abs_matrix: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+    tol: float,
+    dual_tol: float,
+) -> np.ndarray:
+    """:func:`_violations` of one problem (the same tests, in the same arithmetic)."""
+    size = np.abs(beta) if lower is None else np.maximum(np.abs(beta), np.abs(lower))
+    beta_tol = tol * size.max(-1, keepdims=True)
+    if unit is not None:
+        beta_tol = np.minimum(beta_tol, tol * (size * unit).sum(-1, keepdims=True) / unit)
+    scale = size @ abs_matrix
+    if linear is not None:
+        scale = scale + np.abs(linear)
+    if unit is not None:
+        scale = scale + np.abs(mu) * unit
+    primal = free & (beta < (0.0 if lower is None else lower) - beta_tol)
+    return primal | (~free & (multipliers < -dual_tol * scale))
+
+
+def _pivot_single(
+    problem: _Scaled,
+    free: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+    attempts: int,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`_pivot_until_optimal` for one problem (DualProj, MGDA, PCD), (1, T) arrays:
+    the same pivots and points, bit for bit, at about two thirds of the cost per pivot
+    (tests/test_qp_speed_paths.py checks both routes on every family)."""
+    matrix = problem.regularized
+    abs_matrix = np.abs(matrix)
+    best_count, backup = free.shape[-1] + 1, _BPP_BACKUP
+    index = np.arange(free.shape[-1])
+    beta = np.zeros(free.shape)
+    for attempt in range(attempts):
+        beta, mu, multipliers, valid = _single_face_point(matrix, free, lower, linear, unit, True)
+        infeasible = _single_violations(
+            beta, mu, multipliers, free, abs_matrix, lower, linear, unit, problem.tol, problem.tol
+        )
+        if unit is not None and not valid:
+            # a face without a solution (the empty face of the simplex): free everything
+            infeasible = infeasible | ~free
+        count = int(infeasible.sum())
+        if count == 0:
+            return free, beta, True
+        if attempt == 0 and lower is not None and linear is None and unit is None:
+            found, single, point = _single_bound_faces(problem, lower)
+            if found[0]:
+                return single, point, True
+        # one exchange of block principal pivoting, as _pivot
+        improved = count < best_count
+        use_block = improved or backup > 0
+        if improved:
+            best_count, backup = count, _BPP_BACKUP
+        else:
+            backup -= 1
+        flip = infeasible if use_block else index == int(np.flatnonzero(infeasible[0])[-1])
+        free = free ^ flip
+    return free, beta, False
+
+
+def _polish_single(
+    problem: _Scaled,
+    free: np.ndarray,
+    beta: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+) -> np.ndarray:
+    """:func:`_polish` for one problem (the same tests)."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        exact, mu, multipliers, valid = _single_face_point(
+            problem.cosine, free, lower, linear, unit, False
+        )
+        loose = max(problem.tol, problem.ridge**0.5)
+        bad = _single_violations(
+            exact,
+            mu,
+            multipliers,
+            free,
+            np.abs(problem.cosine),
+            lower,
+            linear,
+            unit,
+            problem.tol,
+            loose,
+        )
+    finite = np.isfinite(exact).all() and np.isfinite(multipliers).all()
+    return exact if valid and finite and not bad.any() else beta
 
 
 def _single_bound_faces(

@@ -8,6 +8,8 @@ These pin the results that a faster core (fewer pivots, factor updates) has to r
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from families import FAMILIES, FLOAT32_FAMILIES, family_gramian
 from properties import assert_non_conflicting, assert_updates_close
 
 from mtlhooks import solvers
+from mtlhooks.errors import SolverError
 
 
 def _size(family: str) -> int:
@@ -59,14 +62,16 @@ def test_dualproj_projection_agrees_with_the_monotone_method_alone(family: str) 
 
 
 def _count_face_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the face solves of the batched and the single-problem routes."""
     calls = [0]
-    face_points = solvers._face_points
+    for name in ("_face_points", "_single_face_point"):
+        original = getattr(solvers, name)
 
-    def counted(*args: object, **kwargs: object) -> solvers._FacePoint:
-        calls[0] += 1
-        return face_points(*args, **kwargs)  # type: ignore[arg-type]
+        def counted(*args: object, _original: Any = original, **kwargs: object) -> Any:
+            calls[0] += 1
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(solvers, "_face_points", counted)
+        monkeypatch.setattr(solvers, name, counted)
     return calls
 
 
@@ -149,3 +154,77 @@ def test_bounds_that_satisfy_the_kkt_conditions_are_returned_without_a_solve(
     solution = solvers.dual_cone_qp(gramian, lower)
     assert calls[0] == 0
     torch.testing.assert_close(solution, lower, rtol=1e-15, atol=0)  # (u·s)/s, to an ulp
+
+
+def _generic_route(
+    problem: solvers._Scaled,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None = None,
+) -> np.ndarray:
+    """``_solve_lcp``'s batched route, for one problem."""
+    num = problem.regularized.shape[-1]
+    if unit is None:
+        bound = lower if lower is not None else np.zeros((1, num))
+        multipliers = bound @ problem.regularized
+        scale = np.abs(bound) @ np.abs(problem.regularized)
+        if linear is not None:
+            multipliers, scale = multipliers + linear, scale + np.abs(linear)
+        free = multipliers < -problem.tol * scale
+        if not free.any():
+            return bound.copy()
+    else:
+        free = np.ones((1, num), dtype=bool)
+    free, beta, solved = solvers._pivot_until_optimal(
+        problem, free, lower, linear, unit, solvers._BPP_ATTEMPTS
+    )
+    if not solved.all():
+        free, beta = solvers._descend_faces(problem, beta, lower, linear, unit, "test")
+    return solvers._polish(problem, free, beta, lower, linear, unit)
+
+
+def _single_route(
+    problem: solvers._Scaled,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+) -> np.ndarray:
+    return solvers._solve_lcp(problem, lower, linear, unit, 1, "test")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_single_problem_takes_the_batched_routes_pivots_bit_for_bit(family: str) -> None:
+    """Single QPs (DualProj, MGDA, PCD, CAGrad's cold starts) take ``_pivot_single`` and
+    ``_polish_single``, which must be the batched route's arithmetic exactly: the same
+    solutions, bit for bit, on every family, for bounds (DualProj), linear terms (PCD's
+    nonnegative QP) and the simplex with and without a linear term (MGDA, CAGrad)."""
+    gen = torch.Generator().manual_seed(3)
+    for num_tasks in (9, 16, 40):
+        if family == "norm_spread_float32" and num_tasks > 16:
+            continue
+        for seed in range(2):
+            gramian = family_gramian(family, num_tasks, seed).double()
+            problem = solvers._scaled_problem(gramian, None)
+            mean = np.full((1, num_tasks), 1.0 / num_tasks) * problem.scales
+            spread = torch.rand(1, num_tasks, generator=gen, dtype=torch.float64).numpy()
+            linear = torch.randn(1, num_tasks, generator=gen, dtype=torch.float64).numpy()
+            unit = 1 / problem.scales
+            cases = [
+                (mean, None, None),
+                (spread * problem.scales, None, None),
+                (None, linear, None),
+                (None, None, unit),
+                (None, linear * unit, unit),
+            ]
+            for lower, term, equality in cases:
+                outcomes = []
+                for route in (_generic_route, _single_route):
+                    try:
+                        with np.errstate(all="ignore"):
+                            outcomes.append(route(problem, lower, term, equality))
+                    except SolverError as error:  # the same failure on both routes
+                        outcomes.append(str(error))
+                if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+                    assert outcomes[0] == outcomes[1]
+                else:
+                    np.testing.assert_array_equal(outcomes[1], outcomes[0])
