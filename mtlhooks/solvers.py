@@ -85,6 +85,10 @@ _ENUMERATION_LIMIT = 128
 # sets, the gathering costs more than it saves: measured at T = 16–40).
 _GATHER_MIN_TASKS = 24
 _GATHER_MAX_FRACTION = 0.8
+# A simplex face point β = z + μ·z_a whose terms exceed |β| by this factor is refined once
+# (:func:`_refine_on_simplex`): their cancellation would cost more than the tolerance of the
+# KKT tests (64·T·eps) allows.
+_CANCELLATION = 16.0
 # Smallest squared Cholesky pivot of Ĝ + εI above which the dual-cone QP does not look for
 # solutions that hold a single bound. A heuristic that saves an inverse: such solutions come
 # from a nearly vanishing positive combination of the gradients, whose null vector makes the
@@ -351,10 +355,58 @@ def _face_points(
         beta = mu * z_unit if z_lin is None else z_lin + mu * z_unit
         if lower is not None:
             beta = np.where(free, beta, lower)
+        if z_lin is not None:
+            beta, mu = _refine_on_simplex(
+                matrix, free, linear, unit, beta, mu, z_lin, z_unit, valid, definite
+            )
         multipliers = beta @ matrix - mu * unit
     if linear is not None:
         multipliers = multipliers + linear
     return _FacePoint(beta, mu, multipliers, valid)
+
+
+def _refine_on_simplex(
+    matrix: np.ndarray,
+    free: np.ndarray,
+    linear: np.ndarray | None,
+    unit: np.ndarray,
+    beta: np.ndarray,
+    mu: np.ndarray,
+    z_lin: np.ndarray,
+    z_unit: np.ndarray,
+    valid: np.ndarray,
+    definite: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step of iterative refinement of a simplex face point where ``β = z + μ·z_a``
+    cancelled (:data:`_CANCELLATION`).
+
+    That happens when the equality's coefficients ``a = 1/s`` span many orders of magnitude
+    and a linear term is large where ``a`` is small: e.g. gradient norms from 1e-12 to 1e12
+    and a linear term of order 1 make the weight of the smallest gradient come out as −1e4
+    instead of 1, so that the active-set method cycled or returned non-finite weights. The
+    residuals ``ρ = −c − Mβ + μa`` (on F) and ``1 − aᵀβ`` are small where the terms were
+    large, so the correction ``δβ = M_FF⁻¹ρ + δμ·z_a`` is exact to rounding.
+    """
+    magnitude = (np.abs(z_lin) + np.abs(mu * z_unit)).max(-1)
+    need = valid[:, 0] & (magnitude > _CANCELLATION * np.abs(beta).max(-1))
+    if not need.any():
+        return beta, mu
+    rows = np.flatnonzero(need)
+    point, level, face = beta[rows], mu[rows], free[rows]
+    residual = level * unit - point @ matrix
+    if linear is not None:
+        residual = residual - linear[rows]
+    residual = np.where(face, residual, 0.0)
+    equality = 1.0 - (point * unit).sum(-1, keepdims=True)
+    step = _solve_on_free(matrix, face, residual[:, :, None], definite)[:, :, 0]
+    toward = z_unit[rows]
+    correction = (equality - (step * unit).sum(-1, keepdims=True)) / (toward * unit).sum(
+        -1, keepdims=True
+    )
+    beta, mu = beta.copy(), mu.copy()
+    beta[rows] = point + np.where(face, step + correction * toward, 0.0)
+    mu[rows] = level + correction
+    return beta, mu
 
 
 def _violations(
@@ -543,6 +595,10 @@ def _single_face_point(
     beta = mu * z_unit if columns == 1 else z_lin + mu * z_unit
     if lower is not None:
         beta = np.where(free, beta, lower)
+    if columns == 2:
+        beta, mu = _refine_on_simplex(
+            matrix, free, linear, unit, beta, mu, z_lin, z_unit, valid, definite
+        )
     multipliers = beta @ matrix - mu * unit
     if linear is not None:
         multipliers = multipliers + linear
