@@ -78,8 +78,11 @@ _BPP_ATTEMPTS = 6
 # residual plus the rounding error of (Gw)ᵢ) for weights to be returned when rounding keeps
 # Newton's method from reaching the requested tolerance.
 _VERIFIED = 1e-4
-# Largest number of face systems (batch × faces) solved at once by enumeration.
-_ENUMERATION_LIMIT = 128
+# Largest number of face systems (batch × faces) solved at once by enumeration, and of faces
+# per problem (measured at T = 3–8: UPGrad's 5 and 6 problems of T = 5 and 6 enumerate in
+# 0.4–0.8× the time of block pivoting; 256 faces of one problem take 1.3–1.6× its time).
+_ENUMERATION_LIMIT = 512
+_ENUMERATION_FACES = 128
 # Batched problems with at least this many tasks solve on gathered free sets (smaller systems)
 # when the largest free set has at most this fraction of the tasks (below, or with larger free
 # sets, the gathering costs more than it saves: measured at T = 16–40).
@@ -503,16 +506,7 @@ def _solve_lcp_on_host(
 ) -> np.ndarray:
     matrix = problem.regularized
     num = matrix.shape[-1]
-    num_faces = 2**num - (0 if unit is None else 1)
-    if linear is None and batch * num_faces <= _ENUMERATION_LIMIT:
-        return _enumerate_faces(problem, lower, unit)
-    if start is not None:
-        # a warm start from a nearby problem's solution: the monotone method from that point
-        # changes only the few indices that differ (block pivoting from its face cycles as
-        # often as it does from scratch)
-        free, beta = _descend_faces(problem, start, lower, linear, unit, name)
-        return _polish(problem, free, beta, lower, linear, unit)
-    if unit is None:
+    if unit is None and start is None:
         # start from every bound active: β = l, multipliers Ĝl + c
         bound = lower if lower is not None else np.zeros((batch, num))
         multipliers = bound @ matrix
@@ -526,6 +520,19 @@ def _solve_lcp_on_host(
             return bound.copy()
     else:
         free = np.ones((batch, num), dtype=bool)
+    num_faces = 2**num - (0 if unit is None else 1)
+    if (
+        linear is None
+        and num_faces <= _ENUMERATION_FACES
+        and batch * num_faces <= _ENUMERATION_LIMIT
+    ):
+        return _enumerate_faces(problem, lower, unit)
+    if start is not None:
+        # a warm start from a nearby problem's solution: the monotone method from that point
+        # changes only the few indices that differ (block pivoting from its face cycles as
+        # often as it does from scratch)
+        free, beta = _descend_faces(problem, start, lower, linear, unit, name)
+        return _polish(problem, free, beta, lower, linear, unit)
     if batch == 1:
         free, beta, done = _pivot_single(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
         if done:
@@ -1093,7 +1100,7 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     :returns: (T,) or (B, T) solutions ``v``.
 
     All B problems are solved together in scaled coordinates: by enumeration of the faces
-    when ``B·2^T ≤ 128``, otherwise by block principal pivoting started from the bounds that
+    when ``B·2^T ≤ 512`` and ``T ≤ 7``, otherwise by block principal pivoting started from the bounds that
     the unconstrained multipliers ``Ĝu`` already show to be active (one batched solve per
     pivot, on the gathered free sets when T ≥ 24 and they are small enough).
     """
@@ -1195,7 +1202,7 @@ def penalized_simplex_weights(
     unit = 1 / problem.scales
     scaled_linear = _host(linear.to(dtype)) * unit
     with np.errstate(all="ignore"):  # non-finite candidates are rejected explicitly
-        if 2**num - 1 <= 2 * _ENUMERATION_LIMIT:
+        if 2**num - 1 <= 2 * _ENUMERATION_FACES:
             beta = _penalized_by_enumeration(problem, unit, scaled_linear, radius)
         else:
             found = _penalized_by_active_set(problem, unit, scaled_linear, radius)
