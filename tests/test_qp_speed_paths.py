@@ -64,7 +64,7 @@ def test_dualproj_projection_agrees_with_the_monotone_method_alone(family: str) 
 def _count_face_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the face solves of the batched and the single-problem routes."""
     calls = [0]
-    for name in ("_face_points", "_single_face_point"):
+    for name in ("_face_points", "_single_face_point", "_enumerate_faces"):
         original = getattr(solvers, name)
 
         def counted(*args: object, _original: Any = original, **kwargs: object) -> Any:
@@ -137,14 +137,15 @@ def test_single_bound_solutions_satisfy_the_kkt_conditions(family: str) -> None:
         assert accepted >= 3 * num_tasks  # at least UPGrad's projections, on every seed
 
 
+@pytest.mark.parametrize("num_tasks", [5, 40])
 @pytest.mark.parametrize("kind", ["upgrad", "dualproj"])
 def test_bounds_that_satisfy_the_kkt_conditions_are_returned_without_a_solve(
-    kind: str, monkeypatch: pytest.MonkeyPatch
+    kind: str, num_tasks: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nearly collinear gradients conflict with none of the others: every projection is its
     bound (UPGrad and DualProj give the mean), found by the first KKT test, with no face
-    solve and no polish."""
-    gramian = family_gramian("near_collinear", 40, 0)
+    solve, no enumeration of the faces (T = 5) and no polish."""
+    gramian = family_gramian("near_collinear", num_tasks, 0)
     num_tasks = gramian.shape[0]
     if kind == "upgrad":
         lower = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
