@@ -507,16 +507,11 @@ def _solve_lcp_on_host(
     matrix = problem.regularized
     num = matrix.shape[-1]
     if unit is None and start is None:
-        # start from every bound active: β = l, multipliers Ĝl + c
         bound = lower if lower is not None else np.zeros((batch, num))
-        multipliers = bound @ matrix
-        scale = np.abs(bound) @ np.abs(matrix)
-        if linear is not None:
-            multipliers, scale = multipliers + linear, scale + np.abs(linear)
-        free = multipliers < -problem.tol * scale
+        free = _bounds_start(problem, bound, linear)
         if not free.any():
-            # β = l satisfies the KKT conditions (the test above is block pivoting's first
-            # one, and the polish would keep l): e.g. DualProj's mean when nothing conflicts
+            # β = l satisfies the KKT conditions (the test is block pivoting's first one, and
+            # the polish would keep l): e.g. DualProj's mean when nothing conflicts
             return bound.copy()
     else:
         free = np.ones((batch, num), dtype=bool)
@@ -552,6 +547,16 @@ def _solve_lcp_on_host(
         )
         free[rest], beta[rest] = rest_free, rest_beta
     return _polish(problem, free, beta, lower, linear, unit)
+
+
+def _bounds_start(problem: _Scaled, bound: np.ndarray, linear: np.ndarray | None) -> np.ndarray:
+    """The starting faces without the simplex equality: every bound active (β = l), freed
+    where the multipliers ``Ĝl + c`` are significantly negative."""
+    multipliers = bound @ problem.regularized
+    scale = np.abs(bound) @ np.abs(problem.regularized)
+    if linear is not None:
+        multipliers, scale = multipliers + linear, scale + np.abs(linear)
+    return multipliers < -problem.tol * scale
 
 
 def _single_face_point(
@@ -1100,9 +1105,10 @@ def dual_cone_qp(gramian: Tensor, lower: Tensor, *, ridge: float | None = None) 
     :returns: (T,) or (B, T) solutions ``v``.
 
     All B problems are solved together in scaled coordinates: by enumeration of the faces
-    when ``B·2^T ≤ 512`` and ``T ≤ 7``, otherwise by block principal pivoting started from the bounds that
-    the unconstrained multipliers ``Ĝu`` already show to be active (one batched solve per
-    pivot, on the gathered free sets when T ≥ 24 and they are small enough).
+    when ``B·2^T ≤ 512`` and ``T ≤ 7``, otherwise by block principal pivoting started from
+    the bounds that the unconstrained multipliers ``Ĝu`` already show to be active (one
+    batched solve per pivot, on the gathered free sets when T ≥ 24 and they are small
+    enough). The bounds are returned at once when they satisfy the KKT conditions.
     """
     squeeze = lower.dim() == 1
     dtype = working_dtype(gramian)

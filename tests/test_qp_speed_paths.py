@@ -75,6 +75,13 @@ def _count_face_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _projection_bounds(kind: str, num_tasks: int) -> torch.Tensor:
+    """UPGrad's bounds (one problem per task) or DualProj's (the mean), float64."""
+    if kind == "upgrad":
+        return torch.eye(num_tasks, dtype=torch.float64) / num_tasks
+    return torch.full((1, num_tasks), 1.0 / num_tasks, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["upgrad", "dualproj"])
 def test_pareto_stationary_projections_hold_a_single_bound_and_take_two_solves(
@@ -86,10 +93,7 @@ def test_pareto_stationary_projections_hold_a_single_bound_and_take_two_solves(
     and gives the monotone method's updates."""
     gramian = family_gramian("pareto_stationary", 40, seed)
     num_tasks = gramian.shape[0]
-    if kind == "upgrad":
-        lower = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
-    else:
-        lower = torch.full((1, num_tasks), 1.0 / num_tasks, dtype=torch.float64)
+    lower = _projection_bounds(kind, num_tasks)
     calls = _count_face_solves(monkeypatch)
     batched = solvers.dual_cone_qp(gramian, lower)
     assert calls[0] == 2
@@ -147,10 +151,7 @@ def test_bounds_that_satisfy_the_kkt_conditions_are_returned_without_a_solve(
     solve, no enumeration of the faces (T = 5) and no polish."""
     gramian = family_gramian("near_collinear", num_tasks, 0)
     num_tasks = gramian.shape[0]
-    if kind == "upgrad":
-        lower = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
-    else:
-        lower = torch.full((1, num_tasks), 1.0 / num_tasks, dtype=torch.float64)
+    lower = _projection_bounds(kind, num_tasks)
     calls = _count_face_solves(monkeypatch)
     solution = solvers.dual_cone_qp(gramian, lower)
     assert calls[0] == 0
@@ -167,11 +168,7 @@ def _generic_route(
     num = problem.regularized.shape[-1]
     if unit is None:
         bound = lower if lower is not None else np.zeros((1, num))
-        multipliers = bound @ problem.regularized
-        scale = np.abs(bound) @ np.abs(problem.regularized)
-        if linear is not None:
-            multipliers, scale = multipliers + linear, scale + np.abs(linear)
-        free = multipliers < -problem.tol * scale
+        free = solvers._bounds_start(problem, bound, linear)
         if not free.any():
             return bound.copy()
     else:
