@@ -526,14 +526,15 @@ def _solve_lcp_on_host(
         # a warm start from a nearby problem's solution: the monotone method from that point
         # changes only the few indices that differ (block pivoting from its face cycles as
         # often as it does from scratch)
-        free, beta = _descend_faces(problem, start, lower, linear, unit, name)
+        descend = _descend_single if batch == 1 else _descend_faces
+        free, beta = descend(problem, start, lower, linear, unit, name)
         return _polish(problem, free, beta, lower, linear, unit)
     if batch == 1:
         free, beta, done = _pivot_single(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
         if done:
             return _polish_single(problem, free, beta, lower, linear, unit)
-        free, beta = _descend_faces(problem, beta, lower, linear, unit, name)
-        return _polish(problem, free, beta, lower, linear, unit)
+        free, beta = _descend_single(problem, beta, lower, linear, unit, name)
+        return _polish_single(problem, free, beta, lower, linear, unit)
     free, beta, solved = _pivot_until_optimal(problem, free, lower, linear, unit, _BPP_ATTEMPTS)
     if not solved.all():
         rest = np.flatnonzero(~solved)
@@ -1003,6 +1004,76 @@ def _descend_faces(
             before, single = before[keep], single[keep]
             lower = None if lower is None else lower[keep]
             linear = None if linear is None else linear[keep]
+    raise SolverError(
+        f"{name}: active-set method did not terminate after {limit} steps; the Gramian is "
+        "probably not positive semi-definite or not finite"
+    )
+
+
+def _descend_single(
+    problem: _Scaled,
+    start: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+    name: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_descend_faces` for one problem, (1, T) arrays: the same iterates, bit for bit,
+    without the batch bookkeeping (tests/test_qp_speed_paths.py checks both routes)."""
+    matrix = problem.regularized
+    abs_matrix = np.abs(matrix)
+    num = matrix.shape[-1]
+    tol = problem.tol
+    bound = np.zeros_like(start) if lower is None else lower
+    beta = np.maximum(start, bound)
+    if unit is not None:
+        total = (beta * unit).sum(-1, keepdims=True)
+        uniform = np.broadcast_to(1.0 / (num * unit), beta.shape)  # the weights wᵢ = 1/T
+        beta = np.where(total > 0, beta / np.where(total > 0, total, 1.0), uniform)
+    free = beta > bound
+    single = False  # next addition: one index
+    before = free.copy()  # the free set before the last addition
+    limit = _max_pivots(num)
+    for _ in range(limit):
+        target, mu, multipliers, valid = _single_face_point(matrix, free, lower, linear, unit, True)
+        size = np.maximum(np.abs(target), np.abs(bound)).max(-1, keepdims=True)
+        below = free & (target < bound - tol * size)
+        if below.any():
+            # line search from the feasible iterate towards the face minimiser
+            gap = np.maximum(beta - bound, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = gap / np.where(below, gap + bound - target, 1.0)
+            step_to = np.where(below, ratio, 2.0)
+            step = np.clip(step_to.min(-1, keepdims=True), 0.0, 1.0)
+            hits = below & (step_to <= step * (1 + 4 * tol) + tol)
+            moved = beta + step * (target - beta)
+            beta = np.where(hits | ~free, bound, np.maximum(moved, bound))
+            shrunk = free & ~hits
+            # an addition that the line search undid entirely: next time add one index only
+            if not (shrunk & ~before).any() and (before != free).any():
+                single = True
+            free = shrunk
+            continue
+        # at a feasible face minimiser: optimal, or free the descent coordinates
+        scale = np.maximum(np.abs(target), np.abs(bound)) @ abs_matrix
+        if linear is not None:
+            scale = scale + np.abs(linear)
+        if unit is not None:
+            scale = scale + np.abs(mu) * unit
+        descent = ~free & (multipliers < -tol * scale)
+        if not (valid or free.any()):
+            descent[:] = False
+        beta, before = target, free
+        if not descent.any():
+            return free, beta
+        if single:
+            most = np.where(descent, multipliers / np.maximum(scale, 1e-300), math.inf)
+            add = np.zeros_like(descent)
+            add[0, int(most.argmin())] = True
+        else:
+            add = descent
+        free = free | add
+        single = False
     raise SolverError(
         f"{name}: active-set method did not terminate after {limit} steps; the Gramian is "
         "probably not positive semi-definite or not finite"

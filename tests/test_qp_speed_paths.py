@@ -226,3 +226,41 @@ def test_a_single_problem_takes_the_batched_routes_pivots_bit_for_bit(family: st
                     assert outcomes[0] == outcomes[1]
                 else:
                     np.testing.assert_array_equal(outcomes[1], outcomes[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_single_problem_descent_is_the_batched_one_bit_for_bit(family: str) -> None:
+    """``_descend_single`` (one problem's monotone active-set method: the fallback after block
+    pivoting and CAGrad's warm starts) takes the same iterates as ``_descend_faces``, from
+    random starts, for bounds, linear terms and the simplex."""
+    gen = torch.Generator().manual_seed(11)
+    num_tasks = 16 if family == "norm_spread_float32" else 24
+    for seed in range(2):
+        gramian = family_gramian(family, num_tasks, seed).double()
+        problem = solvers._scaled_problem(gramian, None)
+        unit = 1 / problem.scales
+
+        def draw() -> np.ndarray:
+            return torch.rand(1, num_tasks, generator=gen, dtype=torch.float64).numpy()
+
+        linear = torch.randn(1, num_tasks, generator=gen, dtype=torch.float64).numpy()
+        bound = draw() * problem.scales / num_tasks
+        cases = [
+            (bound, None, None, bound + draw() * problem.scales),
+            (None, linear, None, draw()),
+            (None, None, unit, draw() * problem.scales),
+            (None, linear * unit, unit, draw() * problem.scales),
+        ]
+        for lower, term, equality, start in cases:
+            outcomes = []
+            for descend in (solvers._descend_faces, solvers._descend_single):
+                try:
+                    with np.errstate(all="ignore"):
+                        outcomes.append(descend(problem, start, lower, term, equality, "test"))
+                except SolverError as error:
+                    outcomes.append(str(error))
+            if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+                assert outcomes[0] == outcomes[1]
+            else:
+                np.testing.assert_array_equal(outcomes[1][0], outcomes[0][0])
+                np.testing.assert_array_equal(outcomes[1][1], outcomes[0][1])
