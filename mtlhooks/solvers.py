@@ -347,25 +347,44 @@ def _face_points(
         else:
             solved = _solve_on_free(matrix, free, np.stack([rhs, units], -1), definite)
             z_lin, z_unit = solved[:, :, 0], solved[:, :, 1]
-        denominator = (z_unit * unit).sum(-1, keepdims=True)
-        valid = denominator > 0
-        numerator = np.ones_like(denominator)
-        if fixed is not None:
-            numerator = numerator - (fixed * unit).sum(-1, keepdims=True)
-        if z_lin is not None:
-            numerator = numerator - (z_lin * unit).sum(-1, keepdims=True)
-        mu = numerator / np.where(valid, denominator, 1.0)
-        beta = mu * z_unit if z_lin is None else z_lin + mu * z_unit
-        if lower is not None:
-            beta = np.where(free, beta, lower)
-        if z_lin is not None:
-            beta, mu = _refine_on_simplex(
-                matrix, free, linear, unit, beta, mu, z_lin, z_unit, valid, definite
-            )
+        beta, mu, valid = _simplex_point(
+            matrix, free, fixed, lower, linear, unit, z_lin, z_unit, definite
+        )
         multipliers = beta @ matrix - mu * unit
     if linear is not None:
         multipliers = multipliers + linear
     return _FacePoint(beta, mu, multipliers, valid)
+
+
+def _simplex_point(
+    matrix: np.ndarray,
+    free: np.ndarray,
+    fixed: np.ndarray | None,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray,
+    z_lin: np.ndarray | None,
+    z_unit: np.ndarray,
+    definite: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A simplex face's point ``β = z + μ·z_a`` from the solutions ``z = M_FF⁻¹r`` (None when
+    r = 0) and ``z_a = M_FF⁻¹a_F``, with the μ that meets ``aᵀβ = 1``: ``(β, μ, valid)``."""
+    denominator = (z_unit * unit).sum(-1, keepdims=True)
+    valid = denominator > 0
+    numerator = np.ones_like(denominator)
+    if fixed is not None:
+        numerator = numerator - (fixed * unit).sum(-1, keepdims=True)
+    if z_lin is not None:
+        numerator = numerator - (z_lin * unit).sum(-1, keepdims=True)
+    mu = numerator / np.where(valid, denominator, 1.0)
+    beta = mu * z_unit if z_lin is None else z_lin + mu * z_unit
+    if lower is not None:
+        beta = np.where(free, beta, lower)
+    if z_lin is not None:
+        beta, mu = _refine_on_simplex(
+            matrix, free, linear, unit, beta, mu, z_lin, z_unit, valid, definite
+        )
+    return beta, mu, valid
 
 
 def _refine_on_simplex(
@@ -427,25 +446,59 @@ def _violations(
     Both are judged relative to their natural scale: a bound violated by 1e-14 on a weight of
     1e12 is rounding, the same violation on a weight of 1 is not.
     """
-    beta = point.beta
-    size = np.abs(beta)
-    if lower is not None:
-        size = np.maximum(size, np.abs(lower))
+    return _violation_mask(
+        point.beta,
+        point.mu,
+        point.multipliers,
+        free,
+        abs_matrix,
+        lower,
+        linear,
+        unit,
+        tol,
+        tol if dual_tol is None else dual_tol,
+    )
+
+
+def _violation_mask(
+    beta: np.ndarray,
+    mu: np.ndarray,
+    multipliers: np.ndarray,
+    free: np.ndarray,
+    abs_matrix: np.ndarray,
+    lower: np.ndarray | None,
+    linear: np.ndarray | None,
+    unit: np.ndarray | None,
+    tol: float,
+    dual_tol: float,
+) -> np.ndarray:
+    """:func:`_violations` on a face point's parts (the single-problem routes have no
+    :class:`_FacePoint`)."""
+    size = np.abs(beta) if lower is None else np.maximum(np.abs(beta), np.abs(lower))
     beta_tol = tol * size.max(-1, keepdims=True)
     if unit is not None:
         # on the simplex also judge the weights wᵢ = βᵢaᵢ themselves (they sum to 1): a scaled
         # weight tiny next to the others can still be a large weight on a tiny gradient
         beta_tol = np.minimum(beta_tol, tol * (size * unit).sum(-1, keepdims=True) / unit)
-    multiplier_scale = size @ abs_matrix
+    scale = _multiplier_scale(size, abs_matrix, linear, mu, unit)
+    primal = free & (beta < (0.0 if lower is None else lower) - beta_tol)
+    return primal | (~free & (multipliers < -dual_tol * scale))
+
+
+def _multiplier_scale(
+    size: np.ndarray,
+    abs_matrix: np.ndarray,
+    linear: np.ndarray | None,
+    mu: np.ndarray,
+    unit: np.ndarray | None,
+) -> np.ndarray:
+    """The natural scale of the multipliers ``Mβ + c − μa`` at a point of magnitudes ``size``."""
+    scale = size @ abs_matrix
     if linear is not None:
-        multiplier_scale = multiplier_scale + np.abs(linear)
+        scale = scale + np.abs(linear)
     if unit is not None:
-        multiplier_scale = multiplier_scale + np.abs(point.mu) * unit
-    bound = 0.0 if lower is None else lower
-    primal = free & (beta < bound - beta_tol)
-    dual_tol = tol if dual_tol is None else dual_tol
-    dual = ~free & (point.multipliers < -dual_tol * multiplier_scale)
-    return primal | dual
+        scale = scale + np.abs(mu) * unit
+    return scale
 
 
 def _pivot(
@@ -595,53 +648,14 @@ def _single_face_point(
             else np.stack([rhs, np.broadcast_to(unit, rhs.shape)], -1)[:, index]
         )
         solved[0, index] = _batched_solve(system, right, definite)[0]
-    z_unit = solved[:, :, -1]
-    denominator = (z_unit * unit).sum(-1, keepdims=True)
-    valid = denominator > 0
-    numerator = np.ones_like(denominator)
-    if fixed is not None:
-        numerator = numerator - (fixed * unit).sum(-1, keepdims=True)
-    if columns == 2:
-        z_lin = solved[:, :, 0]
-        numerator = numerator - (z_lin * unit).sum(-1, keepdims=True)
-    mu = numerator / np.where(valid, denominator, 1.0)
-    beta = mu * z_unit if columns == 1 else z_lin + mu * z_unit
-    if lower is not None:
-        beta = np.where(free, beta, lower)
-    if columns == 2:
-        beta, mu = _refine_on_simplex(
-            matrix, free, linear, unit, beta, mu, z_lin, z_unit, valid, definite
-        )
+    z_lin = None if columns == 1 else solved[:, :, 0]
+    beta, mu, valid = _simplex_point(
+        matrix, free, fixed, lower, linear, unit, z_lin, solved[:, :, -1], definite
+    )
     multipliers = beta @ matrix - mu * unit
     if linear is not None:
         multipliers = multipliers + linear
     return beta, mu, multipliers, bool(valid[0, 0])
-
-
-def _single_violations(
-    beta: np.ndarray,
-    mu: np.ndarray,
-    multipliers: np.ndarray,
-    free: np.ndarray,
-    abs_matrix: np.ndarray,
-    lower: np.ndarray | None,
-    linear: np.ndarray | None,
-    unit: np.ndarray | None,
-    tol: float,
-    dual_tol: float,
-) -> np.ndarray:
-    """:func:`_violations` of one problem (the same tests, in the same arithmetic)."""
-    size = np.abs(beta) if lower is None else np.maximum(np.abs(beta), np.abs(lower))
-    beta_tol = tol * size.max(-1, keepdims=True)
-    if unit is not None:
-        beta_tol = np.minimum(beta_tol, tol * (size * unit).sum(-1, keepdims=True) / unit)
-    scale = size @ abs_matrix
-    if linear is not None:
-        scale = scale + np.abs(linear)
-    if unit is not None:
-        scale = scale + np.abs(mu) * unit
-    primal = free & (beta < (0.0 if lower is None else lower) - beta_tol)
-    return primal | (~free & (multipliers < -dual_tol * scale))
 
 
 def _pivot_single(
@@ -662,7 +676,7 @@ def _pivot_single(
     beta = np.zeros(free.shape)
     for attempt in range(attempts):
         beta, mu, multipliers, valid = _single_face_point(matrix, free, lower, linear, unit, True)
-        infeasible = _single_violations(
+        infeasible = _violation_mask(
             beta, mu, multipliers, free, abs_matrix, lower, linear, unit, problem.tol, problem.tol
         )
         if unit is not None and not valid:
@@ -675,7 +689,7 @@ def _pivot_single(
             found, single, point = _single_bound_faces(problem, lower)
             if found[0]:
                 return single, point, True
-        # one exchange of block principal pivoting, as _pivot
+        # one exchange of _pivot's rule on scalars (its arrays cost ~30 µs a pivot here)
         improved = count < best_count
         use_block = improved or backup > 0
         if improved:
@@ -701,7 +715,7 @@ def _polish_single(
             problem.cosine, free, lower, linear, unit, False
         )
         loose = max(problem.tol, problem.ridge**0.5)
-        bad = _single_violations(
+        bad = _violation_mask(
             exact,
             mu,
             multipliers,
@@ -917,6 +931,26 @@ def _pivot_until_optimal(
     return final_free, final_beta, solved
 
 
+def _line_search(
+    beta: np.ndarray,
+    target: np.ndarray,
+    bound: np.ndarray,
+    below: np.ndarray,
+    free: np.ndarray,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """From the feasible iterate β towards the face minimiser, as far as the bounds that
+    ``below`` marks allow: the new iterate (those that hit a bound set onto it) and the hits."""
+    gap = np.maximum(beta - bound, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = gap / np.where(below, gap + bound - target, 1.0)
+    step_to = np.where(below, ratio, 2.0)
+    step = np.clip(step_to.min(-1, keepdims=True), 0.0, 1.0)
+    hits = below & (step_to <= step * (1 + 4 * tol) + tol)
+    moved = beta + step * (target - beta)
+    return np.where(hits | ~free, bound, np.maximum(moved, bound)), hits
+
+
 def _descend_faces(
     problem: _Scaled,
     start: np.ndarray,
@@ -964,25 +998,14 @@ def _descend_faces(
         size = np.maximum(np.abs(target), np.abs(bound)).max(-1, keepdims=True)
         below = free & (target < bound - tol * size)
         blocked = below.any(-1)
-        # line search from the feasible iterate towards the face minimiser
-        gap = np.maximum(beta - bound, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = gap / np.where(below, gap + bound - target, 1.0)
-        step_to = np.where(below, ratio, 2.0)
-        step = np.clip(step_to.min(-1, keepdims=True), 0.0, 1.0)
-        hits = below & (step_to <= step * (1 + 4 * tol) + tol)
-        moved = beta + step * (target - beta)
-        moved = np.where(hits | ~free, bound, np.maximum(moved, bound))
+        moved, hits = _line_search(beta, target, bound, below, free, tol)
         shrunk = free & ~hits
         # an addition that the line search undid entirely: next time add one index only
         undone = blocked & ~(shrunk & ~before).any(-1) & (before != free).any(-1)
         single = single | undone
         # at a feasible face minimiser: optimal, or free the descent coordinates
-        scale = np.maximum(np.abs(target), np.abs(bound)) @ abs_matrix
-        if linear is not None:
-            scale = scale + np.abs(linear)
-        if unit is not None:
-            scale = scale + np.abs(point.mu) * unit
+        size = np.maximum(np.abs(target), np.abs(bound))
+        scale = _multiplier_scale(size, abs_matrix, linear, point.mu, unit)
         descent = ~free & (point.multipliers < -tol * scale)
         descent = descent & (point.valid | free.any(-1, keepdims=True))
         most = np.where(descent, point.multipliers / np.maximum(scale, 1e-300), math.inf)
@@ -1039,15 +1062,7 @@ def _descend_single(
         size = np.maximum(np.abs(target), np.abs(bound)).max(-1, keepdims=True)
         below = free & (target < bound - tol * size)
         if below.any():
-            # line search from the feasible iterate towards the face minimiser
-            gap = np.maximum(beta - bound, 0.0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = gap / np.where(below, gap + bound - target, 1.0)
-            step_to = np.where(below, ratio, 2.0)
-            step = np.clip(step_to.min(-1, keepdims=True), 0.0, 1.0)
-            hits = below & (step_to <= step * (1 + 4 * tol) + tol)
-            moved = beta + step * (target - beta)
-            beta = np.where(hits | ~free, bound, np.maximum(moved, bound))
+            beta, hits = _line_search(beta, target, bound, below, free, tol)
             shrunk = free & ~hits
             # an addition that the line search undid entirely: next time add one index only
             if not (shrunk & ~before).any() and (before != free).any():
@@ -1055,11 +1070,8 @@ def _descend_single(
             free = shrunk
             continue
         # at a feasible face minimiser: optimal, or free the descent coordinates
-        scale = np.maximum(np.abs(target), np.abs(bound)) @ abs_matrix
-        if linear is not None:
-            scale = scale + np.abs(linear)
-        if unit is not None:
-            scale = scale + np.abs(mu) * unit
+        size = np.maximum(np.abs(target), np.abs(bound))
+        scale = _multiplier_scale(size, abs_matrix, linear, mu, unit)
         descent = ~free & (multipliers < -tol * scale)
         if not (valid or free.any()):
             descent[:] = False
