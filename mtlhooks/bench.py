@@ -6,6 +6,10 @@ always runs in the cache state another one leaves), and each reports the median 
 times, so the machine's noise hits all of them alike. References measured in the same run:
 
 - ``plain``: ``sum(losses).backward()``, the loop without mtlhooks;
+- ``plain`` / ``twin``: the same plain step on a deep copy of the model, as every mtlhooks case
+  runs on a copy of its own. Its ratio to ``plain`` is the bench's A/A control: two identical
+  steps on two copies of one model differ by their memory layouts and cache states alone, so
+  a case's ratio to ``plain`` is only resolved beyond that row's distance from 1;
 - ``floor``: one forward and T single-task ``torch.autograd.grad`` calls w.r.t. every parameter
   with ``retain_graph``: the unavoidable cost of per-task gradients of all shared parameters;
 - ``floor_batched``: the same T products as one batched call (``is_grads_batched``, vmap), to
@@ -277,7 +281,7 @@ def case_config(names: list[str], space: str, method: str, mode: str) -> dict[st
 TORCHJD_METHODS = {"pcgrad": "PCGrad", "mgda": "MGDA"}
 """Our plugin → the TorchJD aggregator compared with it (``mtl_backward`` + ``jac_to_grad``)."""
 
-REFERENCES = ("plain", "floor", "floor_batched", "libmtl")
+REFERENCES = ("plain", "plain_twin", "floor", "floor_batched", "libmtl")
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,8 @@ class _Setup:
     notes: list[str]
     stages: dict[str, list[dict[str, float]]]
     """Per mtlhooks case, the ``report.timings`` of each of its calls, in order."""
+    twin: nn.Module
+    """The copy of the model that the A/A control ``plain_twin`` steps."""
 
 
 def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
@@ -389,7 +395,16 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
             p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
-    steps: dict[str, Step] = {"plain": plain, "floor": floor}
+    twin = copy.deepcopy(model)
+    twin_params = list(twin.parameters())
+
+    def plain_twin() -> None:
+        for p in twin_params:
+            p.grad = None
+        _, losses = _losses(twin, x, targets)
+        sum(losses).backward()  # type: ignore[union-attr]
+
+    steps: dict[str, Step] = {"plain": plain, "plain_twin": plain_twin, "floor": floor}
     problem = _try_once(floor_batched)
     if problem is None:
         steps["floor_batched"] = floor_batched
@@ -406,7 +421,7 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
         stages[key] = []
         steps[key], mtls[key] = _own_model_step(model, x, targets, config, stages[key])
     steps.update(_torchjd_steps(model, x, targets, zero, shared))
-    return _Setup(steps, zero, mtls, notes, stages)
+    return _Setup(steps, zero, mtls, notes, stages, twin)
 
 
 def _try_once(step: Step) -> str | None:
@@ -598,6 +613,7 @@ def measure(
         )
     references = [
         ("plain", "plain", "-"),
+        ("plain_twin", "plain", "twin"),
         ("floor", "floor", "-"),
         ("floor_batched", "floor", "batched"),
         ("libmtl", "libmtl", "sum"),

@@ -124,3 +124,26 @@ def test_every_case_has_its_own_key():
     time one pipeline twice and print it under two names)."""
     keys = [bench._key(*case) for case in bench.CASES]
     assert len(set(keys)) == len(keys)
+
+
+def test_the_a_a_control_is_the_plain_step_on_a_copy_of_the_model():
+    """The ``plain``/``twin`` row times ``sum(losses).backward()`` on a deep copy, as every
+    mtlhooks case runs on a copy of its own: the same gradients into other tensors, so its
+    ratio to ``plain`` measures what two copies of one model differ by, nothing else."""
+    model, x, targets = bench._build("mlp", 2, torch.device("cpu"), tiny=True, seed=0)
+    setup = bench._steps(model, x, targets)
+    setup.steps["plain"]()
+    expected = [p.grad.clone() for p in model.parameters()]
+    setup.zero()
+    setup.steps["plain_twin"]()
+    assert all(p.grad is None for p in model.parameters())
+    twin = list(setup.twin.parameters())
+    assert all(a is not b for a, b in zip(twin, model.parameters()))
+    for parameter, grad in zip(twin, expected, strict=True):
+        assert torch.equal(parameter.grad, grad)
+    for mtl in setup.mtls.values():
+        mtl.close()
+
+    cases, _ = bench.measure("mlp", 2, repeats=1, warmup=0, tiny=True)
+    control = [c for c in cases if (c.space, c.method) == ("plain", "twin")]
+    assert len(control) == 1 and control[0].ratio_to_plain > 0
