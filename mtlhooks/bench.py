@@ -10,6 +10,10 @@ times, so the machine's noise hits all of them alike. References measured in the
   runs on a copy of its own. Its ratio to ``plain`` is the bench's A/A control: two identical
   steps on two copies of one model differ by their memory layouts and cache states alone, so
   a case's ratio to ``plain`` is only resolved beyond that row's distance from 1;
+- ``plain`` / ``checked``: the plain step on another copy, then every gradient checked for
+  NaN/inf by hand (the pipeline's own fused check, :func:`mtlhooks.hostsync.all_finite`, and
+  one host read): the least any step that guarantees finite gradients can cost, with no
+  pipeline around it. Space ``none`` with the check on cannot be cheaper than this row;
 - ``floor``: one forward and T single-task ``torch.autograd.grad`` calls w.r.t. every parameter
   with ``retain_graph``: the unavoidable cost of per-task gradients of all shared parameters;
 - ``floor_batched``: the same T products as one batched call (``is_grads_batched``, vmap), to
@@ -49,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlhooks import hostsync
 from mtlhooks.core import MTL
 from mtlhooks.errors import InputError
 
@@ -281,7 +286,7 @@ def case_config(names: list[str], space: str, method: str, mode: str) -> dict[st
 TORCHJD_METHODS = {"pcgrad": "PCGrad", "mgda": "MGDA"}
 """Our plugin → the TorchJD aggregator compared with it (``mtl_backward`` + ``jac_to_grad``)."""
 
-REFERENCES = ("plain", "plain_twin", "floor", "floor_batched", "libmtl")
+REFERENCES = ("plain", "plain_twin", "plain_checked", "floor", "floor_batched", "libmtl")
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,8 @@ class _Setup:
     """Per mtlhooks case, the ``report.timings`` of each of its calls, in order."""
     twin: nn.Module
     """The copy of the model that the A/A control ``plain_twin`` steps."""
+    checked: nn.Module
+    """The copy of the model that ``plain_checked`` (plain, then a hand-written check) steps."""
 
 
 def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
@@ -396,15 +403,16 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
             offset += p.numel()
 
     twin = copy.deepcopy(model)
-    twin_params = list(twin.parameters())
+    plain_twin = _plain_on(twin, x, targets, check=False)
+    checked = copy.deepcopy(model)
+    plain_checked = _plain_on(checked, x, targets, check=True)
 
-    def plain_twin() -> None:
-        for p in twin_params:
-            p.grad = None
-        _, losses = _losses(twin, x, targets)
-        sum(losses).backward()  # type: ignore[union-attr]
-
-    steps: dict[str, Step] = {"plain": plain, "plain_twin": plain_twin, "floor": floor}
+    steps: dict[str, Step] = {
+        "plain": plain,
+        "plain_twin": plain_twin,
+        "plain_checked": plain_checked,
+        "floor": floor,
+    }
     problem = _try_once(floor_batched)
     if problem is None:
         steps["floor_batched"] = floor_batched
@@ -421,7 +429,26 @@ def _steps(model: nn.Module, x: Tensor, targets: list[Tensor]) -> _Setup:
         stages[key] = []
         steps[key], mtls[key] = _own_model_step(model, x, targets, config, stages[key])
     steps.update(_torchjd_steps(model, x, targets, zero, shared))
-    return _Setup(steps, zero, mtls, notes, stages, twin)
+    return _Setup(steps, zero, mtls, notes, stages, twin, checked)
+
+
+def _plain_on(model: nn.Module, x: Tensor, targets: list[Tensor], check: bool) -> Step:
+    """The plain step on ``model`` (a copy); with ``check``, followed by the least a checked
+    step does: one fused finiteness test of every gradient, read once on the host (it raises
+    ``FloatingPointError`` on a NaN or an infinity, which no benchmark batch produces)."""
+    params = list(model.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        _, losses = _losses(model, x, targets)
+        sum(losses).backward()  # type: ignore[union-attr]
+        if check:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not bool(hostsync.all_finite(grads)):
+                raise FloatingPointError("a benchmark step produced a non-finite gradient")
+
+    return step
 
 
 def _try_once(step: Step) -> str | None:
@@ -614,6 +641,7 @@ def measure(
     references = [
         ("plain", "plain", "-"),
         ("plain_twin", "plain", "twin"),
+        ("plain_checked", "plain", "checked"),
         ("floor", "floor", "-"),
         ("floor_batched", "floor", "batched"),
         ("libmtl", "libmtl", "sum"),

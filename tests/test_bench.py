@@ -147,3 +147,35 @@ def test_the_a_a_control_is_the_plain_step_on_a_copy_of_the_model():
     cases, _ = bench.measure("mlp", 2, repeats=1, warmup=0, tiny=True)
     control = [c for c in cases if (c.space, c.method) == ("plain", "twin")]
     assert len(control) == 1 and control[0].ratio_to_plain > 0
+
+
+def test_the_checked_reference_is_the_plain_step_followed_by_a_check_of_every_gradient():
+    """``plain``/``checked``: the least a step that guarantees finite gradients costs. It
+    steps its own copy (the same gradients as plain), reads every gradient (a NaN in any one
+    of them, however placed, is found) and appears as a row of the bench."""
+    model, x, targets = bench._build("mlp", 2, torch.device("cpu"), tiny=True, seed=0)
+    setup = bench._steps(model, x, targets)
+    setup.steps["plain"]()
+    expected = [p.grad.clone() for p in model.parameters()]
+    setup.zero()
+    setup.steps["plain_checked"]()
+    assert all(p.grad is None for p in model.parameters())
+    own = list(setup.checked.parameters())
+    assert all(a is not b for a, b in zip(own, model.parameters()))
+    assert all(a is not b for a, b in zip(own, setup.twin.parameters()))
+    for parameter, grad in zip(own, expected, strict=True):
+        assert torch.equal(parameter.grad, grad)
+    # a non-finite value in one gradient entry, of the first or of the last parameter
+    hooked = [own[0], own[-1]]
+    for parameter in hooked:
+        handle = parameter.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            setup.steps["plain_checked"]()
+        handle.remove()
+    setup.steps["plain_checked"]()  # finite again
+    for mtl in setup.mtls.values():
+        mtl.close()
+
+    cases, _ = bench.measure("mlp", 2, repeats=1, warmup=0, tiny=True)
+    rows = [c for c in cases if (c.space, c.method) == ("plain", "checked")]
+    assert len(rows) == 1 and rows[0].ratio_to_plain > 0
