@@ -4,6 +4,7 @@ engine's account of which Gramian ``params_gramian: auto`` takes."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -126,48 +127,48 @@ def test_every_case_has_its_own_key():
     assert len(set(keys)) == len(keys)
 
 
-def test_the_a_a_control_is_the_plain_step_on_a_copy_of_the_model():
-    """The ``plain``/``twin`` row times ``sum(losses).backward()`` on a deep copy, as every
-    mtlhooks case runs on a copy of its own: the same gradients into other tensors, so its
-    ratio to ``plain`` measures what two copies of one model differ by, nothing else."""
+def _reference_on_its_own_copy(key: str, copy_of: str) -> tuple[Any, list[nn.Parameter]]:
+    """Run the reference step ``key`` after ``plain``: it must leave the model's ``.grad``
+    alone and give plain's gradients, bit for bit, into the parameters of its own copy
+    (``setup.<copy_of>``). Returns the setup and that copy's parameters."""
     model, x, targets = bench._build("mlp", 2, torch.device("cpu"), tiny=True, seed=0)
     setup = bench._steps(model, x, targets)
     setup.steps["plain"]()
     expected = [p.grad.clone() for p in model.parameters()]
     setup.zero()
-    setup.steps["plain_twin"]()
+    setup.steps[key]()
     assert all(p.grad is None for p in model.parameters())
-    twin = list(setup.twin.parameters())
-    assert all(a is not b for a, b in zip(twin, model.parameters()))
-    for parameter, grad in zip(twin, expected, strict=True):
+    own = list(getattr(setup, copy_of).parameters())
+    assert all(a is not b for a, b in zip(own, model.parameters()))
+    for parameter, grad in zip(own, expected, strict=True):
         assert torch.equal(parameter.grad, grad)
+    return setup, own
+
+
+def _bench_row(space: str, method: str) -> None:
+    cases, _ = bench.measure("mlp", 2, repeats=1, warmup=0, tiny=True)
+    rows = [c for c in cases if (c.space, c.method) == (space, method)]
+    assert len(rows) == 1 and rows[0].ratio_to_plain > 0
+
+
+def test_the_a_a_control_is_the_plain_step_on_a_copy_of_the_model():
+    """The ``plain``/``twin`` row times ``sum(losses).backward()`` on a deep copy, as every
+    mtlhooks case runs on a copy of its own: the same gradients into other tensors, so its
+    ratio to ``plain`` measures what two copies of one model differ by, nothing else."""
+    setup, _ = _reference_on_its_own_copy("plain_twin", "twin")
     for mtl in setup.mtls.values():
         mtl.close()
-
-    cases, _ = bench.measure("mlp", 2, repeats=1, warmup=0, tiny=True)
-    control = [c for c in cases if (c.space, c.method) == ("plain", "twin")]
-    assert len(control) == 1 and control[0].ratio_to_plain > 0
+    _bench_row("plain", "twin")
 
 
 def test_the_checked_reference_is_the_plain_step_followed_by_a_check_of_every_gradient():
     """``plain``/``checked``: the least a step that guarantees finite gradients costs. It
     steps its own copy (the same gradients as plain), reads every gradient (a NaN in any one
     of them, however placed, is found) and appears as a row of the bench."""
-    model, x, targets = bench._build("mlp", 2, torch.device("cpu"), tiny=True, seed=0)
-    setup = bench._steps(model, x, targets)
-    setup.steps["plain"]()
-    expected = [p.grad.clone() for p in model.parameters()]
-    setup.zero()
-    setup.steps["plain_checked"]()
-    assert all(p.grad is None for p in model.parameters())
-    own = list(setup.checked.parameters())
-    assert all(a is not b for a, b in zip(own, model.parameters()))
+    setup, own = _reference_on_its_own_copy("plain_checked", "checked")
     assert all(a is not b for a, b in zip(own, setup.twin.parameters()))
-    for parameter, grad in zip(own, expected, strict=True):
-        assert torch.equal(parameter.grad, grad)
     # a non-finite value in one gradient entry, of the first or of the last parameter
-    hooked = [own[0], own[-1]]
-    for parameter in hooked:
+    for parameter in (own[0], own[-1]):
         handle = parameter.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
         with pytest.raises(FloatingPointError, match="non-finite gradient"):
             setup.steps["plain_checked"]()
@@ -175,7 +176,4 @@ def test_the_checked_reference_is_the_plain_step_followed_by_a_check_of_every_gr
     setup.steps["plain_checked"]()  # finite again
     for mtl in setup.mtls.values():
         mtl.close()
-
-    cases, _ = bench.measure("mlp", 2, repeats=1, warmup=0, tiny=True)
-    rows = [c for c in cases if (c.space, c.method) == ("plain", "checked")]
-    assert len(rows) == 1 and rows[0].ratio_to_plain > 0
+    _bench_row("plain", "checked")
