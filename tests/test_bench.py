@@ -4,7 +4,6 @@ engine's account of which Gramian ``params_gramian: auto`` takes."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
@@ -127,7 +126,7 @@ def test_every_case_has_its_own_key():
     assert len(set(keys)) == len(keys)
 
 
-def _reference_on_its_own_copy(key: str, copy_of: str) -> tuple[Any, list[nn.Parameter]]:
+def _reference_on_its_own_copy(key: str, copy_of: str) -> tuple[bench._Setup, list[nn.Parameter]]:
     """Run the reference step ``key`` after ``plain``: it must leave the model's ``.grad``
     alone and give plain's gradients, bit for bit, into the parameters of its own copy
     (``setup.<copy_of>``). Returns the setup and that copy's parameters."""
